@@ -1,0 +1,5 @@
+import sys
+
+from distillm.cli import main
+
+sys.exit(main())

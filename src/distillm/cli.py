@@ -1,0 +1,59 @@
+"""The ``distillm`` command line: ``main(argv) -> int``, called by the console script and by tests.
+
+Each subcommand lives in the module that does its work; that module provides
+``add_arguments(parser)`` and ``run(args) -> int``. Modules are imported only when their subcommand runs,
+so ``distillm --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from distillm.errors import UserError
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {}
+
+
+def _register(name: str, module: str, help: str) -> None:
+    COMMANDS[name] = (module, help)
+
+
+def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="distillm",
+        description="Distil large language models into small ones (DistiLLM, ICML 2024, and its baselines).",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # Only the chosen subcommand's module is imported: build its parser fully, the others as stubs.
+    chosen = next((a for a in argv if a in COMMANDS), None)
+    for name, (module, help) in COMMANDS.items():
+        sub_parser = sub.add_parser(name, help=help, description=help)
+        if name == chosen:
+            importlib.import_module(module).add_arguments(sub_parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    if args.command is None:
+        parser.print_help()
+        return 2
+    module = importlib.import_module(COMMANDS[args.command][0])
+    try:
+        return int(module.run(args) or 0)
+    except UserError as error:
+        print(f"distillm {args.command}: error: {error}", file=sys.stderr)
+        return 2

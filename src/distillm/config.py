@@ -1,0 +1,521 @@
+"""Typed configuration: frozen dataclasses are the schema and the single home of every default.
+
+A run's configuration is built in three layers, later ones winning:
+
+1. the defaults below,
+2. a YAML preset (``distillm train --config configs/tiny/kd.yaml``), nested like the dataclasses,
+3. dotted ``key=value`` overrides on the command line (``train.max_steps=20 objective.divergence=skew_reverse_kl``),
+   whose values are parsed as YAML scalars (``1e-4``, ``true``, ``null``, ``[q_proj, v_proj]``).
+
+Every field carries its help text in ``metadata["help"]``; ``distillm train --help`` is generated from it.
+An unknown key, a value of the wrong type or an out-of-range value raises :class:`ConfigError` naming the
+key (and the file it came from) and the value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from distillm.errors import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration value that cannot be used; the message names the key and the value."""
+
+
+def _field(default: Any, help: str, **kwargs: Any) -> Any:
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("mutable defaults are not allowed in frozen configs; use a tuple")
+    if dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: default, metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+def _check(condition: bool, key: str, value: Any, requirement: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}={value!r} is invalid: {requirement}")
+
+
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters on the student (through peft). The paper's values: r 16, alpha 64, dropout 0.1."""
+
+    enabled: bool = _field(False, "Train LoRA adapters instead of all student weights.")
+    r: int = _field(16, "LoRA rank.")
+    alpha: float = _field(64.0, "LoRA scaling numerator (lora_alpha).")
+    dropout: float = _field(0.1, "Dropout on the LoRA branch.")
+    target_modules: tuple[str, ...] | None = _field(
+        None, "Module names to adapt (e.g. [q_proj, v_proj]); null lets peft pick the family's default."
+    )
+    merge_on_save: bool = _field(False, "Also write a merged full model next to the adapter at the end.")
+
+    def validate(self, prefix: str) -> None:
+        _check(self.r >= 1, f"{prefix}.r", self.r, "must be >= 1")
+        _check(self.alpha > 0, f"{prefix}.alpha", self.alpha, "must be > 0")
+        _check(0.0 <= self.dropout < 1.0, f"{prefix}.dropout", self.dropout, "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which models to load and how."""
+
+    student: str = _field("", "Student model: a Hugging Face folder or hub name (required for training).")
+    teacher: str | None = _field(None, "Teacher model folder or hub name; null for methods without one.")
+    teacher_adapter: str | None = _field(
+        None, "A peft LoRA adapter folder merged into the teacher when it is loaded."
+    )
+    tokenizer: str | None = _field(None, "Tokenizer folder or name; defaults to the student's.")
+    teacher_dtype: Precision = _field(
+        "fp32", "Teacher weights' dtype; bf16 halves its memory and speeds up its frozen forward."
+    )
+    trust_remote_code: bool = _field(False, "Allow model code from the hub to run (off: safe by default).")
+    gradient_checkpointing: bool = _field(False, "Recompute student activations in backward to save memory.")
+    lora: LoraConfig = _field(LoraConfig(), "LoRA settings for the student.")
+
+    def validate(self, prefix: str) -> None:
+        self.lora.validate(f"{prefix}.lora")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Instruction data, its template and its tokenization."""
+
+    train: str = _field("", "Training data: a file any `distillm prepare` format reads, or a hub dataset name.")
+    dev: str | None = _field(None, "Dev data; null takes `dev_size` rows out of the training pool.")
+    format: str = _field("auto", "Data format: auto, dolly, minillm, alpaca or plain.")
+    dev_size: int = _field(1000, "Rows taken from the training pool for the dev split when `dev` is null.")
+    dev_split: Literal["first", "random"] = _field(
+        "first", "How the dev rows are taken: the first rows (as the original) or a seeded random sample."
+    )
+    template: Literal["alpaca", "chat"] = _field(
+        "alpaca", "Prompt template: the paper's Alpaca-style text, or the tokenizer's chat template."
+    )
+    max_length: int = _field(512, "Maximum prompt + response tokens (the response ends in EOS).")
+    max_prompt_length: int = _field(256, "Maximum prompt tokens; longer prompts are cut from the left.")
+    pretrain: str | None = _field(
+        None, "Plain-text corpus for the pretraining LM term (one document per line, or a folder of .txt)."
+    )
+    cache_dir: str | None = _field(None, "Where prepared data is cached; null uses <output_dir>/../.cache.")
+    num_workers: int = _field(0, "DataLoader worker processes.")
+
+    def validate(self, prefix: str) -> None:
+        _check(self.dev_size >= 0, f"{prefix}.dev_size", self.dev_size, "must be >= 0")
+        _check(self.max_length >= 2, f"{prefix}.max_length", self.max_length, "must be >= 2")
+        _check(
+            1 <= self.max_prompt_length < self.max_length,
+            f"{prefix}.max_prompt_length",
+            self.max_prompt_length,
+            f"must be >= 1 and < data.max_length ({self.max_length})",
+        )
+        _check(self.num_workers >= 0, f"{prefix}.num_workers", self.num_workers, "must be >= 0")
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """What is minimised: (1 - kd_ratio) * CE + kd_ratio * divergence + lm_coef * CE(pretraining chunk)."""
+
+    divergence: str | None = _field(
+        None,
+        "Divergence between teacher and student, by name (forward_kl, reverse_kl, skew_forward_kl, "
+        "skew_reverse_kl, generalized_jsd, total_variation); null for plain fine-tuning.",
+    )
+    kd_ratio: float = _field(0.0, "Weight of the divergence; 1 - kd_ratio weighs the CE on the labels.")
+    skew_alpha: float = _field(0.1, "alpha of the skew divergences (the paper's 0.1).")
+    jsd_beta: float = _field(0.5, "beta of the generalized JSD, m = beta p + (1 - beta) q (GKD's convention).")
+    lm_coef: float = _field(0.0, "Weight of the pretraining language-model term (needs data.pretrain).")
+    chunk_size: int = _field(
+        0, "Tokens per chunk for the memory-efficient loss path; 0 computes full logits at once."
+    )
+
+    def validate(self, prefix: str) -> None:
+        _check(0.0 <= self.kd_ratio <= 1.0, f"{prefix}.kd_ratio", self.kd_ratio, "must be in [0, 1]")
+        _check(0.0 < self.skew_alpha < 1.0, f"{prefix}.skew_alpha", self.skew_alpha, "must be in (0, 1)")
+        _check(0.0 < self.jsd_beta < 1.0, f"{prefix}.jsd_beta", self.jsd_beta, "must be in (0, 1)")
+        _check(self.lm_coef >= 0.0, f"{prefix}.lm_coef", self.lm_coef, "must be >= 0")
+        _check(self.chunk_size >= 0, f"{prefix}.chunk_size", self.chunk_size, "must be >= 0")
+        if self.kd_ratio > 0:
+            _check(
+                self.divergence is not None,
+                f"{prefix}.divergence",
+                self.divergence,
+                f"a divergence is required when {prefix}.kd_ratio > 0",
+            )
+        if self.divergence is not None:
+            from distillm.losses import DIVERGENCES  # local: keeps config importable without torch
+
+            _check(
+                self.divergence in DIVERGENCES,
+                f"{prefix}.divergence",
+                self.divergence,
+                f"must be one of {sorted(DIVERGENCES)}",
+            )
+
+
+@dataclass(frozen=True)
+class SourcesConfig:
+    """Where each step's training sequences come from.
+
+    - ``dataset``: the (ground-truth or teacher-generated) dataset batch, every step (SFT, KD, SeqKD).
+    - ``mixed``: student-generated outputs with probability ``student_ratio``, else the dataset (ImitKD, GKD).
+    - ``adaptive``: DistiLLM's adaptive off-policy schedule with a replay buffer.
+    """
+
+    kind: Literal["dataset", "mixed", "adaptive"] = _field("dataset", "dataset, mixed or adaptive.")
+    student_ratio: float = _field(
+        0.5, "mixed: probability of training on fresh student outputs (the original's mixed_alpha)."
+    )
+    mixed_from_buffer: bool = _field(
+        False, "mixed: push fresh outputs into the buffer and train on a buffer sample (the original's way)."
+    )
+    init_threshold: float = _field(0.0, "adaptive: initial probability phi of student-generated outputs.")
+    loss_eps: float = _field(0.1, "adaptive: rise of the dev loss over the reference that raises phi.")
+    phi_step: float = _field(0.1, "adaptive: how much phi grows at a time (capped at 1).")
+    replay_ratio: Literal["decreasing", "constant", "increasing"] = _field(
+        "decreasing", "adaptive: share of phi spent on fresh generation: 1 - t/T, 1/2 or t/T."
+    )
+    algorithm: Literal["code", "paper"] = _field(
+        "code",
+        "adaptive: 'code' follows the original implementation (train on fresh samples directly, force-fill "
+        "the buffer, reference = loss at the last phi increase); 'paper' follows Algorithm 1.",
+    )
+    capacity: int = _field(1000, "Replay buffer capacity in samples.")
+    generator: Literal["student", "teacher"] = _field("student", "Which model generates the outputs.")
+
+    def validate(self, prefix: str) -> None:
+        _check(0.0 <= self.student_ratio <= 1.0, f"{prefix}.student_ratio", self.student_ratio, "in [0, 1]")
+        _check(0.0 <= self.init_threshold <= 1.0, f"{prefix}.init_threshold", self.init_threshold, "in [0, 1]")
+        _check(self.loss_eps >= 0.0, f"{prefix}.loss_eps", self.loss_eps, "must be >= 0")
+        _check(0.0 < self.phi_step <= 1.0, f"{prefix}.phi_step", self.phi_step, "must be in (0, 1]")
+        _check(self.capacity >= 1, f"{prefix}.capacity", self.capacity, "must be >= 1")
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Sampling settings, for student-generated outputs, SeqKD data and evaluation."""
+
+    max_new_tokens: int = _field(256, "Maximum tokens generated per response.")
+    temperature: float = _field(1.0, "Sampling temperature.")
+    top_p: float = _field(1.0, "Nucleus sampling mass; 1 keeps the whole distribution.")
+    top_k: int = _field(0, "Keep the k most likely tokens; 0 turns it off.")
+    no_repeat_ngram_size: int = _field(0, "Forbid repeating n-grams of this size; 0 turns it off.")
+    do_sample: bool = _field(True, "Sample; false decodes greedily.")
+    batch_size: int = _field(16, "Prompts per generation batch in evaluation and `distillm generate`.")
+
+    def validate(self, prefix: str) -> None:
+        _check(self.max_new_tokens >= 1, f"{prefix}.max_new_tokens", self.max_new_tokens, "must be >= 1")
+        _check(self.temperature > 0, f"{prefix}.temperature", self.temperature, "must be > 0")
+        _check(0.0 < self.top_p <= 1.0, f"{prefix}.top_p", self.top_p, "must be in (0, 1]")
+        _check(self.top_k >= 0, f"{prefix}.top_k", self.top_k, "must be >= 0")
+        _check(self.no_repeat_ngram_size >= 0, f"{prefix}.no_repeat_ngram_size", self.no_repeat_ngram_size, ">= 0")
+        _check(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, "must be >= 1")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The optimisation loop: steps, batches, optimizer, schedule, evaluation and checkpoints."""
+
+    output_dir: str = _field("runs/train", "Run folder: checkpoints, metrics.jsonl, the resolved config.")
+    max_steps: int = _field(0, "Optimizer steps; 0 derives them from `epochs`.")
+    epochs: int = _field(1, "Passes over the training data when max_steps is 0.")
+    batch_size: int = _field(8, "Sequences per micro-batch per process.")
+    grad_accum: int = _field(1, "Micro-batches per optimizer step.")
+    lr: float = _field(5e-4, "Peak learning rate.")
+    lr_min: float = _field(1e-7, "Final learning rate of the cosine schedule.")
+    weight_decay: float = _field(0.01, "AdamW weight decay (never on biases and norms).")
+    adam_betas: tuple[float, float] = _field((0.9, 0.999), "AdamW betas.")
+    adam_eps: float = _field(1e-8, "AdamW epsilon.")
+    scheduler: Literal["cosine", "constant", "noam"] = _field("cosine", "Learning-rate schedule.")
+    warmup_steps: int = _field(0, "Linear warmup steps.")
+    clip_grad: float = _field(1.0, "Gradient-norm clipping; 0 turns it off.")
+    precision: Precision = _field("fp32", "Student compute precision: fp32, bf16 or fp16 (GPU only).")
+    eval_every: int = _field(0, "Evaluate on the dev split every N optimizer steps; 0 means once per epoch.")
+    eval_rouge: bool = _field(False, "Also sample dev responses and compute ROUGE-L at each evaluation.")
+    eval_rouge_rows: int = _field(0, "Dev rows used for in-training ROUGE-L; 0 uses them all.")
+    select_by: Literal["dev_loss", "rougeL"] = _field(
+        "dev_loss", "Criterion that picks the best checkpoint (rougeL needs eval_rouge)."
+    )
+    save_every: int = _field(0, "Write a resumable checkpoint every N optimizer steps; 0 means once per epoch.")
+    keep_checkpoints: int = _field(1, "Resumable checkpoints kept besides best/ and last/.")
+    log_every: int = _field(10, "Log metrics every N optimizer steps.")
+    report_to: tuple[Literal["tensorboard", "wandb"], ...] = _field(
+        (), "Extra metric sinks besides metrics.jsonl: tensorboard, wandb."
+    )
+    resume: bool = _field(True, "Resume from the newest checkpoint in output_dir when one exists.")
+    progress: bool = _field(True, "Show a progress bar.")
+
+    def validate(self, prefix: str) -> None:
+        _check(self.max_steps >= 0, f"{prefix}.max_steps", self.max_steps, "must be >= 0")
+        _check(self.epochs >= 1, f"{prefix}.epochs", self.epochs, "must be >= 1")
+        _check(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, "must be >= 1")
+        _check(self.grad_accum >= 1, f"{prefix}.grad_accum", self.grad_accum, "must be >= 1")
+        _check(self.lr > 0, f"{prefix}.lr", self.lr, "must be > 0")
+        _check(0 <= self.lr_min <= self.lr, f"{prefix}.lr_min", self.lr_min, f"must be in [0, train.lr={self.lr}]")
+        _check(self.weight_decay >= 0, f"{prefix}.weight_decay", self.weight_decay, "must be >= 0")
+        _check(
+            all(0.0 <= b < 1.0 for b in self.adam_betas), f"{prefix}.adam_betas", self.adam_betas, "each in [0, 1)"
+        )
+        _check(self.warmup_steps >= 0, f"{prefix}.warmup_steps", self.warmup_steps, "must be >= 0")
+        _check(self.clip_grad >= 0, f"{prefix}.clip_grad", self.clip_grad, "must be >= 0")
+        for name in ("eval_every", "eval_rouge_rows", "save_every"):
+            _check(getattr(self, name) >= 0, f"{prefix}.{name}", getattr(self, name), "must be >= 0")
+        _check(self.keep_checkpoints >= 1, f"{prefix}.keep_checkpoints", self.keep_checkpoints, "must be >= 1")
+        _check(self.log_every >= 1, f"{prefix}.log_every", self.log_every, "must be >= 1")
+        if self.select_by == "rougeL":
+            _check(self.eval_rouge, f"{prefix}.select_by", self.select_by, f"needs {prefix}.eval_rouge=true")
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole training run."""
+
+    seed: int = _field(10, "The one seed all randomness flows from (the paper's scripts use 10).")
+    model: ModelConfig = _field(ModelConfig(), "Models.")
+    data: DataConfig = _field(DataConfig(), "Data.")
+    objective: ObjectiveConfig = _field(ObjectiveConfig(), "Objective.")
+    sources: SourcesConfig = _field(SourcesConfig(), "Training-sequence sources.")
+    generation: GenerationConfig = _field(GenerationConfig(), "Sampling.")
+    train: TrainConfig = _field(TrainConfig(), "Optimisation loop.")
+
+    def validate(self) -> Config:
+        """Check every field and the fields' combinations; return self so calls chain."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                value.validate(f.name)
+        if self.objective.kd_ratio > 0 or self.sources.generator == "teacher":
+            _check(
+                self.model.teacher is not None,
+                "model.teacher",
+                self.model.teacher,
+                "a teacher is required when objective.kd_ratio > 0 or sources.generator=teacher",
+            )
+        if self.objective.lm_coef > 0:
+            _check(
+                self.data.pretrain is not None,
+                "data.pretrain",
+                self.data.pretrain,
+                "a pretraining corpus is required when objective.lm_coef > 0",
+            )
+        if self.train.precision == "fp16":
+            import torch
+
+            _check(
+                torch.cuda.is_available(),
+                "train.precision",
+                "fp16",
+                "fp16 needs a GPU; use bf16 or fp32 on CPU",
+            )
+        return self
+
+
+# --------------------------------------------------------------------------------------------------------
+# Building a config from nested mappings, YAML files and dotted overrides.
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and convert lists to tuples and ints to floats."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in args:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(f"{key}={value!r} is invalid: expected {_type_name(tp)}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}={value!r} is invalid: must be one of {list(args)}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r} is invalid: expected a list")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], key) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"{key}={value!r} is invalid: expected a list of {len(args)} items")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}={value!r} is invalid: expected a mapping of {tp.__name__} fields")
+        return _from_mapping(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} is invalid: expected true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}={value!r} is invalid: expected an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}={value!r} is invalid: expected a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}={value!r} is invalid: expected a string")
+        return value
+    raise TypeError(f"unsupported config annotation {tp!r} for {key}")
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _from_mapping(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key {dotted!r}{hint}")
+        kwargs[key] = _coerce(value, hints[key], dotted)
+    return cls(**kwargs)
+
+
+def _to_plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Nested plain dict (lists for tuples) of a config, ready for YAML or JSON."""
+    return _to_plain(config)
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any, schema: type) -> None:
+    parts = key.split(".")
+    node, cls = tree, schema
+    for depth, part in enumerate(parts):
+        names = {f.name for f in dataclasses.fields(cls)}
+        dotted = ".".join(parts[: depth + 1])
+        if part not in names:
+            close = difflib.get_close_matches(part, sorted(names), n=1)
+            hint = f"; did you mean {'.'.join(parts[:depth] + [close[0]])!r}?" if close else ""
+            raise ConfigError(f"unknown config key {dotted!r}{hint}")
+        if depth == len(parts) - 1:
+            node[part] = value
+            return
+        sub = _hints(cls)[part]
+        if not dataclasses.is_dataclass(sub):
+            raise ConfigError(f"config key {dotted!r} is a value, not a section; cannot set {key!r}")
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config key {dotted!r} must be a mapping")
+        cls = sub
+
+
+def parse_overrides(overrides: Sequence[str]) -> list[tuple[str, Any]]:
+    """``["train.lr=1e-4", "model.lora.enabled=true"]`` -> ``[("train.lr", 1e-4), ...]`` (YAML scalars)."""
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.max_steps=100)")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as error:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({error})") from error
+        parsed.append((key.strip(), value))
+    return parsed
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    schema: type = Config,
+    validate: bool = True,
+) -> Any:
+    """Defaults <- YAML preset at ``path`` <- dotted ``overrides``; validated unless ``validate`` is false."""
+    tree: dict[str, Any] = {}
+    source = "the command line"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML: {error}") from error
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
+        tree = loaded
+    try:
+        for key, value in parse_overrides(overrides):
+            _set_dotted(tree, key, value, schema)
+        config = _from_mapping(schema, tree)
+        return config.validate() if validate else config
+    except ConfigError as error:
+        raise ConfigError(f"{source}: {error}") from None
+
+
+def replace(config: Any, **dotted: Any) -> Any:
+    """A copy of ``config`` with dotted keys replaced: ``replace(cfg, **{"train.lr": 1e-4})``."""
+    tree = to_dict(config)
+    for key, value in dotted.items():
+        _set_dotted(tree, key, value, type(config))
+    return _from_mapping(type(config), tree)
+
+
+def save_config(config: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
+
+
+def describe_fields(schema: type = Config, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """``(dotted key, type, default, help)`` for every leaf field: the source of ``--help`` text."""
+    rows = []
+    hints = _hints(schema)
+    default_instance = schema()
+    for f in dataclasses.fields(schema):
+        key = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows.extend(describe_fields(tp, prefix=f"{key}."))
+            continue
+        rows.append((key, _type_name(tp), _to_plain(getattr(default_instance, f.name)), f.metadata.get("help", "")))
+    return rows
+
+
+def format_help(schema: type = Config) -> str:
+    """Help text listing every key, its default and its documentation."""
+    lines = []
+    section = None
+    for key, _tp, default, text in describe_fields(schema):
+        head = key.split(".")[0] if "." in key else ""
+        if head != section:
+            section = head
+            lines.append(f"\n{head or 'top level'}:")
+        lines.append(f"  {key}={default!r}\n      {text}")
+    return "\n".join(lines)

@@ -1,0 +1,90 @@
+"""Shared fixtures: a tiny tokenizer and tiny models built offline and loaded through ``from_pretrained``."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+_WORDS = (
+    "alpha beta gamma delta apple banana cherry river mountain ocean red green blue one two three four five "
+    "six seven eight nine ten reverse sort list words sum count upper lower first last number answer "
+    "instruction response input below task write request completes appropriately describes paired context"
+).split()
+
+
+def tokenizer_training_texts() -> list[str]:
+    """Deterministic text covering the template, digits and common words."""
+    import random
+
+    rng = random.Random(0)
+    texts = [
+        "Below is an instruction that describes a task. Write a response that appropriately completes "
+        "the request.\n\n### Instruction:\n{x}\n\n### Response:\n",
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n### Instruction:\n\n### Input:\n",
+    ] * 20
+    for _ in range(400):
+        texts.append(" ".join(rng.choice(_WORDS) for _ in range(12)) + " " + str(rng.randint(0, 999)))
+    return texts
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory):
+    """Folder of a byte-level BPE tokenizer (vocab 512) saved with ``save_pretrained``."""
+    from distillm.tokenizer import train_bpe_tokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    train_bpe_tokenizer(tokenizer_training_texts(), vocab_size=512, out_dir=out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+
+
+def _save_model(out, family, tokenizer_dir, seed, **kwargs):
+    from transformers import AutoTokenizer
+
+    from distillm.models import build_small_model
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    model = build_small_model(
+        family, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, seed=seed, **kwargs
+    )
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_student_dir(tmp_path_factory, tiny_tokenizer_dir):
+    """A 2-layer, 32-wide GPT-2 student with the tiny tokenizer, saved with ``save_pretrained``."""
+    return _save_model(
+        tmp_path_factory.mktemp("student"), "gpt2", tiny_tokenizer_dir, seed=1, layers=2, hidden=32, heads=2
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(tmp_path_factory, tiny_tokenizer_dir):
+    """A 2-layer, 64-wide GPT-2 teacher sharing the student's tokenizer."""
+    return _save_model(
+        tmp_path_factory.mktemp("teacher"), "gpt2", tiny_tokenizer_dir, seed=2, layers=2, hidden=64, heads=4
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory, tiny_tokenizer_dir):
+    """``make(family, **sizes) -> folder`` of a small random model of any supported family."""
+
+    def make(family: str, seed: int = 0, **kwargs):
+        return _save_model(tmp_path_factory.mktemp(family), family, tiny_tokenizer_dir, seed=seed, **kwargs)
+
+    return make
