@@ -57,3 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as error:
         print(f"distillm {args.command}: error: {error}", file=sys.stderr)
         return 2
+
+
+_register("train", "distillm.train", "Train a teacher or a student (SFT, KD, SeqKD, ImitKD, GKD, DistiLLM).")
+_register("prepare", "distillm.data.prepare", "Read, validate, template and tokenize a dataset, or write the bundled task suite.")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -38,6 +39,28 @@ def _field(default: Any, help: str, **kwargs: Any) -> Any:
     if dataclasses.is_dataclass(default):
         return field(default_factory=lambda: default, metadata={"help": help}, **kwargs)
     return field(default=default, metadata={"help": help}, **kwargs)
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``5e-5`` (no dot) as a string; learning rates are written that way, so accept it."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 def _check(condition: bool, key: str, value: Any, requirement: str) -> None:
@@ -92,7 +115,9 @@ class ModelConfig:
 class DataConfig:
     """Instruction data, its template and its tokenization."""
 
-    train: str = _field("", "Training data: a file any `distillm prepare` format reads, or a hub dataset name.")
+    train: str = _field(
+        "", "Training data: a file any `distillm prepare` format reads, or a hub dataset name."
+    )
     dev: str | None = _field(None, "Dev data; null takes `dev_size` rows out of the training pool.")
     format: str = _field("auto", "Data format: auto, dolly, minillm, alpaca or plain.")
     dev_size: int = _field(1000, "Rows taken from the training pool for the dev split when `dev` is null.")
@@ -133,7 +158,9 @@ class ObjectiveConfig:
     )
     kd_ratio: float = _field(0.0, "Weight of the divergence; 1 - kd_ratio weighs the CE on the labels.")
     skew_alpha: float = _field(0.1, "alpha of the skew divergences (the paper's 0.1).")
-    jsd_beta: float = _field(0.5, "beta of the generalized JSD, m = beta p + (1 - beta) q (GKD's convention).")
+    jsd_beta: float = _field(
+        0.5, "beta of the generalized JSD, m = beta p + (1 - beta) q (GKD's convention)."
+    )
     lm_coef: float = _field(0.0, "Weight of the pretraining language-model term (needs data.pretrain).")
     chunk_size: int = _field(
         0, "Tokens per chunk for the memory-efficient loss path; 0 computes full logits at once."
@@ -195,7 +222,9 @@ class SourcesConfig:
 
     def validate(self, prefix: str) -> None:
         _check(0.0 <= self.student_ratio <= 1.0, f"{prefix}.student_ratio", self.student_ratio, "in [0, 1]")
-        _check(0.0 <= self.init_threshold <= 1.0, f"{prefix}.init_threshold", self.init_threshold, "in [0, 1]")
+        _check(
+            0.0 <= self.init_threshold <= 1.0, f"{prefix}.init_threshold", self.init_threshold, "in [0, 1]"
+        )
         _check(self.loss_eps >= 0.0, f"{prefix}.loss_eps", self.loss_eps, "must be >= 0")
         _check(0.0 < self.phi_step <= 1.0, f"{prefix}.phi_step", self.phi_step, "must be in (0, 1]")
         _check(self.capacity >= 1, f"{prefix}.capacity", self.capacity, "must be >= 1")
@@ -218,7 +247,12 @@ class GenerationConfig:
         _check(self.temperature > 0, f"{prefix}.temperature", self.temperature, "must be > 0")
         _check(0.0 < self.top_p <= 1.0, f"{prefix}.top_p", self.top_p, "must be in (0, 1]")
         _check(self.top_k >= 0, f"{prefix}.top_k", self.top_k, "must be >= 0")
-        _check(self.no_repeat_ngram_size >= 0, f"{prefix}.no_repeat_ngram_size", self.no_repeat_ngram_size, ">= 0")
+        _check(
+            self.no_repeat_ngram_size >= 0,
+            f"{prefix}.no_repeat_ngram_size",
+            self.no_repeat_ngram_size,
+            ">= 0",
+        )
         _check(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, "must be >= 1")
 
 
@@ -246,7 +280,9 @@ class TrainConfig:
     select_by: Literal["dev_loss", "rougeL"] = _field(
         "dev_loss", "Criterion that picks the best checkpoint (rougeL needs eval_rouge)."
     )
-    save_every: int = _field(0, "Write a resumable checkpoint every N optimizer steps; 0 means once per epoch.")
+    save_every: int = _field(
+        0, "Write a resumable checkpoint every N optimizer steps; 0 means once per epoch."
+    )
     keep_checkpoints: int = _field(1, "Resumable checkpoints kept besides best/ and last/.")
     log_every: int = _field(10, "Log metrics every N optimizer steps.")
     report_to: tuple[Literal["tensorboard", "wandb"], ...] = _field(
@@ -261,16 +297,26 @@ class TrainConfig:
         _check(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, "must be >= 1")
         _check(self.grad_accum >= 1, f"{prefix}.grad_accum", self.grad_accum, "must be >= 1")
         _check(self.lr > 0, f"{prefix}.lr", self.lr, "must be > 0")
-        _check(0 <= self.lr_min <= self.lr, f"{prefix}.lr_min", self.lr_min, f"must be in [0, train.lr={self.lr}]")
+        _check(
+            0 <= self.lr_min <= self.lr,
+            f"{prefix}.lr_min",
+            self.lr_min,
+            f"must be in [0, train.lr={self.lr}]",
+        )
         _check(self.weight_decay >= 0, f"{prefix}.weight_decay", self.weight_decay, "must be >= 0")
         _check(
-            all(0.0 <= b < 1.0 for b in self.adam_betas), f"{prefix}.adam_betas", self.adam_betas, "each in [0, 1)"
+            all(0.0 <= b < 1.0 for b in self.adam_betas),
+            f"{prefix}.adam_betas",
+            self.adam_betas,
+            "each in [0, 1)",
         )
         _check(self.warmup_steps >= 0, f"{prefix}.warmup_steps", self.warmup_steps, "must be >= 0")
         _check(self.clip_grad >= 0, f"{prefix}.clip_grad", self.clip_grad, "must be >= 0")
         for name in ("eval_every", "eval_rouge_rows", "save_every"):
             _check(getattr(self, name) >= 0, f"{prefix}.{name}", getattr(self, name), "must be >= 0")
-        _check(self.keep_checkpoints >= 1, f"{prefix}.keep_checkpoints", self.keep_checkpoints, "must be >= 1")
+        _check(
+            self.keep_checkpoints >= 1, f"{prefix}.keep_checkpoints", self.keep_checkpoints, "must be >= 1"
+        )
         _check(self.log_every >= 1, f"{prefix}.log_every", self.log_every, "must be >= 1")
         if self.select_by == "rougeL":
             _check(self.eval_rouge, f"{prefix}.select_by", self.select_by, f"needs {prefix}.eval_rouge=true")
@@ -442,7 +488,7 @@ def parse_overrides(overrides: Sequence[str]) -> list[tuple[str, Any]]:
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.max_steps=100)")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = _yaml_load(raw) if raw.strip() else ""
         except yaml.YAMLError as error:
             raise ConfigError(f"override {item!r}: the value is not valid YAML ({error})") from error
         parsed.append((key.strip(), value))
@@ -464,13 +510,15 @@ def load_config(
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+            loaded = _yaml_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as error:
             raise ConfigError(f"{path}: not valid YAML: {error}") from error
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
+            raise ConfigError(
+                f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}"
+            )
         tree = loaded
     try:
         for key, value in parse_overrides(overrides):
@@ -504,7 +552,9 @@ def describe_fields(schema: type = Config, prefix: str = "") -> list[tuple[str, 
         if dataclasses.is_dataclass(tp):
             rows.extend(describe_fields(tp, prefix=f"{key}."))
             continue
-        rows.append((key, _type_name(tp), _to_plain(getattr(default_instance, f.name)), f.metadata.get("help", "")))
+        rows.append(
+            (key, _type_name(tp), _to_plain(getattr(default_instance, f.name)), f.metadata.get("help", ""))
+        )
     return rows
 
 

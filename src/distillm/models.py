@@ -65,3 +65,153 @@ def build_small_model(family: str, vocab_size: int, seed: int = 0, **kwargs: Any
     config = small_model_config(family, vocab_size, **kwargs)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Loading.
+
+_TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def torch_dtype(precision: str):
+    import torch
+
+    return getattr(torch, _TORCH_DTYPES[precision])
+
+
+def _check_exists(path: str, role: str) -> None:
+    """A missing local path is a user error; anything shaped like ``org/name`` may be a hub id."""
+    import re
+    from pathlib import Path
+
+    from distillm.errors import UserError
+
+    if not path:
+        raise UserError(f"no {role} given; set model.{role}=PATH")
+    if Path(path).expanduser().exists():
+        return
+    if path.startswith((".", "/", "~")) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path):
+        raise UserError(f"{role} path {path!r} does not exist; pass a model folder or a hub name")
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """The tokenizer at ``path``; the pad token falls back to EOS (as GPT-2-style models have none)."""
+    from transformers import AutoTokenizer
+
+    from distillm.errors import UserError
+
+    _check_exists(path, "tokenizer")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot load a tokenizer from {path!r}: {error}") from error
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"tokenizer {path!r} has no EOS token; responses must end in one")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _is_adapter(path: str) -> bool:
+    from pathlib import Path
+
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def load_causal_lm(path: str, dtype: str = "fp32", trust_remote_code: bool = False, role: str = "model"):
+    """A causal LM from a folder or hub name; a peft adapter folder is loaded onto its base and merged."""
+    from transformers import AutoModelForCausalLM
+
+    from distillm.errors import UserError
+
+    _check_exists(path, role)
+    try:
+        if _is_adapter(path):
+            from peft import AutoPeftModelForCausalLM
+
+            model = AutoPeftModelForCausalLM.from_pretrained(
+                path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code
+            ).merge_and_unload()
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code
+            )
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot load the {role} from {path!r}: {error}") from error
+    return model
+
+
+def merge_adapter(model, adapter_path: str):
+    """``model`` with the peft LoRA adapter at ``adapter_path`` merged into its weights."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, adapter_path).merge_and_unload()
+
+
+def apply_lora(model, lora_config):
+    """Wrap ``model`` with trainable LoRA adapters (distillm.config.LoraConfig)."""
+    try:
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
+    except ImportError as error:
+        from distillm.errors import UserError
+
+        raise UserError("model.lora.enabled=true needs peft: pip install 'distillm[lora]'") from error
+    peft_config = PeftLoraConfig(
+        r=lora_config.r,
+        lora_alpha=lora_config.alpha,
+        lora_dropout=lora_config.dropout,
+        target_modules=list(lora_config.target_modules) if lora_config.target_modules else None,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_config)
+
+
+def check_same_tokenizer(student_tokenizer, teacher_tokenizer, student_name: str, teacher_name: str) -> None:
+    """Refuse a teacher/student pair whose tokenizers differ: their distributions are over different tokens."""
+    from distillm.errors import UserError
+
+    student_vocab = student_tokenizer.get_vocab()
+    teacher_vocab = teacher_tokenizer.get_vocab()
+    if student_vocab != teacher_vocab:
+        only_student = len(set(student_vocab.items()) - set(teacher_vocab.items()))
+        only_teacher = len(set(teacher_vocab.items()) - set(student_vocab.items()))
+        raise UserError(
+            f"the teacher's tokenizer ({teacher_name}, {len(teacher_vocab)} tokens) differs from the student's "
+            f"({student_name}, {len(student_vocab)} tokens): {only_student} student and {only_teacher} teacher "
+            "token ids do not match. Token-level distillation needs one shared tokenizer; pick a teacher and "
+            "student of the same family, or use SeqKD (sequence-level), which only needs the teacher's text"
+        )
+    if student_tokenizer.eos_token_id != teacher_tokenizer.eos_token_id:
+        raise UserError(
+            f"teacher ({teacher_name}) and student ({student_name}) use different EOS ids "
+            f"({teacher_tokenizer.eos_token_id} vs {student_tokenizer.eos_token_id})"
+        )
+
+
+def shared_vocab_size(student, teacher, tokenizer) -> int:
+    """Vocabulary rows both models score: models of one tokenizer may pad their embeddings differently.
+
+    Logits beyond ``len(tokenizer)`` belong to padding rows no text ever uses, so both distributions are
+    compared over the first ``min(V_student, V_teacher)`` rows.
+    """
+    from distillm.errors import UserError
+
+    student_size = student.get_output_embeddings().weight.shape[0]
+    teacher_size = teacher.get_output_embeddings().weight.shape[0]
+    size = min(student_size, teacher_size)
+    if size < len(tokenizer):
+        raise UserError(
+            f"a model scores only {size} tokens but the tokenizer has {len(tokenizer)}; the model and tokenizer "
+            "do not belong together"
+        )
+    if student_size != teacher_size:
+        logger.info(
+            "student scores %d tokens and teacher %d (padded vocabularies of one tokenizer of %d): comparing "
+            "the first %d",
+            student_size,
+            teacher_size,
+            len(tokenizer),
+            size,
+        )
+    return size

@@ -1,0 +1,159 @@
+"""The per-step objective: ``(1 - kd_ratio) CE + kd_ratio D(teacher, student) + lm_coef CE(pretraining chunk)``.
+
+``StudentObjective`` wraps the student *and* its loss in one module, so that accelerate's DDP or DeepSpeed
+wrapper sees a single forward per micro-batch (the pretraining term needs a second student pass, and DDP
+allows only one forward per backward), and so that the memory-efficient path can apply the lm_head to
+hidden states chunk by chunk instead of building full logits.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from distillm import IGNORE_INDEX
+from distillm.config import ObjectiveConfig
+from distillm.losses import get_divergence
+from distillm.losses.chunked import chunked_distillation_loss
+from distillm.losses.reduction import distillation_loss, masked_mean, token_cross_entropy
+
+
+class TeacherOutput(NamedTuple):
+    """The frozen teacher's view of a batch: full logits (dense path) or hidden states + head (chunked)."""
+
+    logits: Tensor | None = None  # [B, T, V]
+    hidden: Tensor | None = None  # [N, H_teacher], supervised positions only
+    head_weight: Tensor | None = None  # [V, H_teacher]
+    head_bias: Tensor | None = None  # [V]
+
+
+class StepLoss(NamedTuple):
+    """A micro-batch's loss (with gradient) and its detached terms, each a mean over the step's tokens."""
+
+    total: Tensor
+    ce: Tensor
+    divergence: Tensor
+    lm: Tensor
+
+
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """The Hugging Face model inside a peft wrapper (adapters stay injected), or ``model`` itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def decoder_hidden_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """Final hidden states [B, T, H] of a causal LM, without applying its lm_head (no [B, T, V] logits)."""
+    base = unwrap_peft(model).base_model  # GPT2Model, LlamaModel, OPTModel, ...: everything before lm_head
+    return base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+
+def output_head(model: nn.Module, vocab_size: int) -> tuple[Tensor, Tensor | None]:
+    """The lm_head's weight [V, H] (and bias) restricted to the first ``vocab_size`` rows."""
+    head = unwrap_peft(model).get_output_embeddings()
+    bias = head.bias[:vocab_size] if getattr(head, "bias", None) is not None else None
+    return head.weight[:vocab_size], bias
+
+
+@torch.no_grad()
+def teacher_forward(
+    teacher: nn.Module, batch: dict[str, Tensor], vocab_size: int, chunked: bool
+) -> TeacherOutput:
+    """Run the frozen teacher on the batch the student trains on."""
+    if not chunked:
+        logits = teacher(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        ).logits
+        return TeacherOutput(logits=logits[..., :vocab_size])
+    hidden = decoder_hidden_states(teacher, batch["input_ids"], batch["attention_mask"])  # [B, T, H]
+    mask = batch["labels"] != IGNORE_INDEX
+    weight, bias = output_head(teacher, vocab_size)
+    return TeacherOutput(hidden=hidden[mask], head_weight=weight, head_bias=bias)
+
+
+class StudentObjective(nn.Module):
+    """The student and the objective of one micro-batch; what accelerate prepares and the optimizer updates."""
+
+    def __init__(self, student: nn.Module, objective: ObjectiveConfig, vocab_size: int):
+        super().__init__()
+        self.student = student
+        self.objective = objective
+        self.vocab_size = vocab_size
+        self.divergence = (
+            get_divergence(objective.divergence, skew_alpha=objective.skew_alpha, jsd_beta=objective.jsd_beta)
+            if objective.divergence is not None and objective.kd_ratio > 0
+            else None
+        )
+
+    def forward(
+        self,
+        batch: dict[str, Tensor],
+        num_tokens: Tensor,
+        teacher: TeacherOutput | None = None,
+        pretrain_batch: dict[str, Tensor] | None = None,
+        pretrain_tokens: Tensor | None = None,
+    ) -> StepLoss:
+        kd_ratio = self.objective.kd_ratio if self.divergence is not None else 0.0
+        if self.objective.chunk_size > 0:
+            parts = self._chunked(batch, num_tokens, teacher, kd_ratio)
+        else:
+            logits = self._logits(batch)
+            parts = distillation_loss(
+                logits,
+                batch["labels"],
+                self.divergence,
+                kd_ratio,
+                num_tokens=num_tokens,
+                teacher_logits=teacher.logits if teacher is not None else None,
+            )
+        total, lm = parts.total, torch.zeros_like(parts.ce)
+        if pretrain_batch is not None and self.objective.lm_coef > 0:
+            lm_loss = self._language_model_loss(pretrain_batch, pretrain_tokens)
+            total = total + self.objective.lm_coef * lm_loss
+            lm = lm_loss.detach()
+        return StepLoss(total=total, ce=parts.ce, divergence=parts.divergence, lm=lm)
+
+    def _logits(self, batch: dict[str, Tensor]) -> Tensor:
+        out = self.student(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        )
+        return out.logits[..., : self.vocab_size]  # [B, T, V]
+
+    def _chunked(self, batch, num_tokens, teacher: TeacherOutput | None, kd_ratio: float):
+        hidden = decoder_hidden_states(self.student, batch["input_ids"], batch["attention_mask"])  # [B, T, H]
+        mask = batch["labels"] != IGNORE_INDEX
+        weight, bias = output_head(self.student, self.vocab_size)
+        use_teacher = self.divergence is not None and teacher is not None
+        return chunked_distillation_loss(
+            hidden[mask],  # [N, H]: only supervised positions are ever projected onto the vocabulary
+            weight,
+            batch["labels"][mask],
+            self.divergence,
+            kd_ratio,
+            num_tokens,
+            teacher_hidden=teacher.hidden if use_teacher else None,
+            teacher_head_weight=teacher.head_weight if use_teacher else None,
+            teacher_head_bias=teacher.head_bias if use_teacher else None,
+            chunk_size=self.objective.chunk_size,
+            lm_head_bias=bias,
+        )
+
+    def _language_model_loss(self, batch: dict[str, Tensor], num_tokens: Tensor | None) -> Tensor:
+        labels = batch["labels"]
+        if self.objective.chunk_size > 0:
+            hidden = decoder_hidden_states(self.student, batch["input_ids"], batch["attention_mask"])
+            mask = labels != IGNORE_INDEX
+            weight, bias = output_head(self.student, self.vocab_size)
+            return chunked_distillation_loss(
+                hidden[mask],
+                weight,
+                labels[mask],
+                None,
+                0.0,
+                num_tokens,
+                chunk_size=self.objective.chunk_size,
+                lm_head_bias=bias,
+            ).total
+        logits = self._logits(batch)
+        return masked_mean(token_cross_entropy(logits, labels), labels != IGNORE_INDEX, num_tokens)

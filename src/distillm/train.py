@@ -1,0 +1,630 @@
+"""The one training loop, for every method (teacher SFT, student init, SFT, KD, SeqKD, ImitKD, GKD, DistiLLM).
+
+Read ``train`` from top to bottom: one optimizer step is
+
+    dataset micro-batches -> sources pick what to train on (dataset / fresh student samples / replay)
+    -> count the step's supervised tokens -> per micro-batch: teacher forward (frozen) -> student forward
+    and loss -> backward -> clip, optimizer and scheduler step -> log / evaluate / checkpoint.
+
+Methods differ only in configuration (``objective`` and ``sources``); no method name appears here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from distillm import IGNORE_INDEX
+from distillm.checkpoint import (
+    latest_checkpoint,
+    load_model_weights,
+    load_trainer_state,
+    restore_rng_state,
+    save_checkpoint,
+    save_model,
+)
+from distillm.config import Config, save_config
+from distillm.errors import UserError
+from distillm.models import (
+    apply_lora,
+    check_same_tokenizer,
+    load_causal_lm,
+    load_tokenizer,
+    merge_adapter,
+    shared_vocab_size,
+)
+from distillm.objective import StudentObjective, teacher_forward
+from distillm.optim import build_optimizer, build_scheduler
+from distillm.sources import build_sources
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(UserError):
+    """The loss became NaN or inf; the last good checkpoint is kept."""
+
+
+# --------------------------------------------------------------------------------------------------------
+# Data order: a seeded permutation per epoch, so a position (epoch, batch) fully determines what comes next.
+
+
+@dataclass
+class BatchOrder:
+    """Which rows make micro-batch ``index`` of ``epoch`` on this process; deterministic for ``seed``."""
+
+    num_rows: int
+    batch_size: int
+    seed: int
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.num_rows // (self.batch_size * self.world_size)  # drop the incomplete last batch
+
+    def indices(self, epoch: int, index: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        order = torch.randperm(self.num_rows, generator=generator)
+        start = (index * self.world_size + self.rank) * self.batch_size
+        return order[start : start + self.batch_size].tolist()
+
+
+@dataclass
+class Cursor:
+    """Position in a ``BatchOrder``: the next micro-batch to read."""
+
+    epoch: int = 0
+    index: int = 0
+
+    def advance(self, order: BatchOrder) -> tuple[int, int]:
+        if self.index >= order.batches_per_epoch:
+            self.epoch, self.index = self.epoch + 1, 0
+        position = (self.epoch, self.index)
+        self.index += 1
+        return position
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    data: Cursor = field(default_factory=Cursor)
+    pretrain: Cursor = field(default_factory=Cursor)
+    best_metric: float | None = None
+    best_step: int | None = None
+    tokens_seen: int = 0
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    best_metric: float | None
+    best_step: int | None
+    final_dev_loss: float | None
+    seconds: dict[str, float]
+    source_counts: dict[str, int]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Set-up.
+
+
+def build_accelerator(config: Config):
+    """An accelerate ``Accelerator``; on machines without a GPU it must be built with ``cpu=True``, or a
+    multi-process launch silently runs independent single-process jobs (see docs/distributed.md)."""
+    from accelerate import Accelerator
+
+    mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[config.train.precision]
+    log_with = list(config.train.report_to) or None
+    return Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=mixed,
+        log_with=log_with,
+        project_dir=config.train.output_dir,
+    )
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def load_models(config: Config, device: torch.device):
+    """Tokenizer, student (LoRA-wrapped if asked), frozen teacher or None, and the shared vocabulary size."""
+    m = config.model
+    tokenizer = load_tokenizer(m.tokenizer or m.student, m.trust_remote_code)
+    student = load_causal_lm(m.student, "fp32", m.trust_remote_code, role="student")
+    if m.gradient_checkpointing:
+        student.gradient_checkpointing_enable()
+        student.config.use_cache = False
+    if m.lora.enabled:
+        student = apply_lora(student, m.lora)
+    teacher = None
+    vocab_size = student.get_output_embeddings().weight.shape[0]
+    needs_teacher = config.objective.kd_ratio > 0 or config.sources.generator == "teacher"
+    if needs_teacher:
+        teacher_tokenizer = load_tokenizer(m.teacher, m.trust_remote_code)
+        check_same_tokenizer(tokenizer, teacher_tokenizer, m.tokenizer or m.student, m.teacher)
+        teacher = load_causal_lm(m.teacher, m.teacher_dtype, m.trust_remote_code, role="teacher")
+        if m.teacher_adapter:
+            teacher = merge_adapter(teacher, m.teacher_adapter)
+        teacher.requires_grad_(False).eval().to(device)
+        vocab_size = shared_vocab_size(student, teacher, tokenizer)
+    return tokenizer, student, teacher, vocab_size
+
+
+@dataclass
+class TrainingData:
+    train: Any  # TokenizedDataset
+    dev: Any | None
+    dev_examples: list
+    pretrain: Any | None
+
+
+def load_data(config: Config, tokenizer, cache_dir: Path) -> TrainingData:
+    """Read, split, tokenize (cached) the instruction data and, if configured, the pretraining corpus."""
+    from distillm.data import prepare_dataset, prepare_pretrain, read_examples, split_dev
+
+    d = config.data
+    examples, _ = read_examples(d.train, d.format)
+    if d.dev is not None:
+        train_rows = examples
+        dev_rows, _ = read_examples(d.dev, d.format)
+    else:
+        train_rows, dev_rows = split_dev(examples, d.dev_size, d.dev_split, config.seed)
+    if len(train_rows) < config.train.batch_size:
+        raise UserError(
+            f"{d.train}: {len(train_rows)} training rows is fewer than train.batch_size={config.train.batch_size}"
+        )
+
+    def prepare(rows):
+        return prepare_dataset(rows, tokenizer, d.template, d.max_length, d.max_prompt_length, cache_dir)
+
+    train = prepare(train_rows)
+    dev = prepare(dev_rows) if dev_rows else None
+    pretrain = prepare_pretrain(d.pretrain, tokenizer, d.max_length, cache_dir) if d.pretrain else None
+    return TrainingData(train=train, dev=dev, dev_examples=list(dev_rows), pretrain=pretrain)
+
+
+def total_optimizer_steps(config: Config, order: BatchOrder) -> int:
+    if config.train.max_steps > 0:
+        return config.train.max_steps
+    steps = order.batches_per_epoch * config.train.epochs // config.train.grad_accum
+    if steps < 1:
+        raise UserError(
+            f"{order.num_rows} training rows make no optimizer step of train.batch_size={config.train.batch_size} "
+            f"x train.grad_accum={config.train.grad_accum} x {order.world_size} processes; lower them or set "
+            "train.max_steps"
+        )
+    return steps
+
+
+def steps_per_epoch(config: Config, order: BatchOrder) -> int:
+    return max(1, order.batches_per_epoch // config.train.grad_accum)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Evaluation on the dev split.
+
+
+@torch.no_grad()
+def dev_loss(
+    model, dataset, collate, pad_token_id: int, batch_size: int, accelerator, vocab_size: int
+) -> float:
+    """Mean token cross-entropy of ``model`` on the ground-truth responses of ``dataset``."""
+    from distillm.losses.reduction import masked_sum, token_cross_entropy
+
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # [sum CE, tokens]
+    rows = list(range(accelerator.process_index, len(dataset), accelerator.num_processes))
+    for start in range(0, len(rows), batch_size):
+        batch = collate([dataset[i] for i in rows[start : start + batch_size]], pad_token_id)
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        logits = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        ).logits
+        mask = batch["labels"] != IGNORE_INDEX
+        total[0] += masked_sum(token_cross_entropy(logits[..., :vocab_size], batch["labels"]), mask).double()
+        total[1] += mask.sum()
+    total = accelerator.reduce(total, reduction="sum")
+    model.train(was_training)
+    return float(total[0] / total[1].clamp_min(1))
+
+
+def dev_rouge(model, tokenizer, examples, config: Config, accelerator, seed: int) -> float:
+    """Mean ROUGE-L of sampled dev responses (rows sharded over processes, gathered in order)."""
+    from distillm.evaluate import generate_predictions, score_predictions
+
+    limit = config.train.eval_rouge_rows or len(examples)
+    rows = examples[:limit]
+    mine = rows[accelerator.process_index :: accelerator.num_processes]
+    predictions = generate_predictions(
+        model,
+        tokenizer,
+        mine,
+        config.generation,
+        seed=seed,
+        template=config.data.template,
+        max_prompt_length=config.data.max_prompt_length,
+        progress=False,
+    )
+    gathered = accelerator.gather_object([predictions])  # one list per process, in rank order
+    ordered: list[str] = [None] * len(rows)  # type: ignore[list-item]
+    for rank, part in enumerate(gathered):
+        ordered[rank :: accelerator.num_processes] = part
+    return float(score_predictions(ordered, rows)["rougeL"])
+
+
+# --------------------------------------------------------------------------------------------------------
+# The loop.
+
+
+def _count_tokens(batches: list[dict[str, torch.Tensor]], accelerator) -> torch.Tensor:
+    """Supervised tokens of the whole optimizer step, over all micro-batches and processes."""
+    local = sum((b["labels"] != IGNORE_INDEX).sum() for b in batches)
+    local = torch.as_tensor(local, device=accelerator.device, dtype=torch.long)
+    return accelerator.reduce(local, reduction="sum")
+
+
+class MetricsLog:
+    """metrics.jsonl in the run folder (and any accelerate trackers); rank zero only."""
+
+    def __init__(self, path: Path, accelerator, resume_step: int | None):
+        self.path, self.accelerator = path, accelerator
+        if accelerator.is_main_process and resume_step is not None and path.exists():
+            # Rows logged after the checkpoint belong to the abandoned part of the killed run.
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            kept = [r for r in rows if r.get("step", 0) <= resume_step]
+            path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def write(self, row: dict[str, Any]) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+        numeric = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
+        if self.accelerator.trackers:
+            self.accelerator.log(numeric, step=row["step"])
+
+
+def train(config: Config) -> TrainResult:
+    """Run (or resume) the training described by ``config``; returns where things were written."""
+    config.validate()
+    accelerator = build_accelerator(config)
+    out = Path(config.train.output_dir)
+    cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else out.parent / ".cache"
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(config, out / "config.yaml")
+    accelerator.wait_for_everyone()
+    seed_everything(config.seed)
+
+    tokenizer, student, teacher, vocab_size = load_models(config, accelerator.device)
+    data = load_data(config, tokenizer, cache_dir)
+    from distillm.data import collate, collate_chunks
+
+    order = BatchOrder(
+        len(data.train),
+        config.train.batch_size,
+        config.seed,
+        accelerator.process_index,
+        accelerator.num_processes,
+    )
+    total_steps = total_optimizer_steps(config, order)
+    epoch_steps = steps_per_epoch(config, order)
+    eval_every = config.train.eval_every or epoch_steps
+    save_every = config.train.save_every or epoch_steps
+    pretrain_order = (
+        BatchOrder(len(data.pretrain), config.train.batch_size, config.seed + 1, order.rank, order.world_size)
+        if data.pretrain is not None
+        else None
+    )
+
+    objective = StudentObjective(student, config.objective, vocab_size)
+    optimizer = build_optimizer(objective, config.train)
+    scheduler = build_scheduler(optimizer, total_steps, config.train)
+    sources = build_sources(config, tokenizer, teacher, total_steps, accelerator.device)
+    state = TrainState()
+
+    checkpoint = latest_checkpoint(out) if config.train.resume else None
+    if checkpoint is not None:
+        load_model_weights(student, checkpoint)
+        saved = load_trainer_state(checkpoint)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        sources.load_state_dict(saved["sources"])
+        state = _state_from_dict(saved["train"])
+        logger.info("resumed from %s (step %d)", checkpoint, state.step)
+
+    objective, optimizer = accelerator.prepare(objective, optimizer)
+    if checkpoint is not None:
+        restore_rng_state(load_trainer_state(checkpoint)["rng"])
+    if config.train.report_to:
+        accelerator.init_trackers("distillm", config={"seed": config.seed})
+    metrics = MetricsLog(out / "metrics.jsonl", accelerator, state.step if checkpoint is not None else None)
+    if checkpoint is None and accelerator.is_main_process and (out / "metrics.jsonl").exists():
+        (out / "metrics.jsonl").unlink()
+
+    seconds = {"generation": 0.0, "teacher": 0.0, "student": 0.0, "evaluation": 0.0}
+    counts: dict[str, int] = {}
+    last_dev_loss = None
+    pad = tokenizer.pad_token_id
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=total_steps,
+        initial=state.step,
+        desc=f"train {out.name}",
+        disable=not (config.train.progress and accelerator.is_main_process),
+        dynamic_ncols=True,
+    )
+    step_start = time.perf_counter()
+    while state.step < total_steps:
+        # 1. This step's micro-batches: dataset rows, then the sources decide what is trained on.
+        micro_batches, step_sources = [], []
+        for _ in range(config.train.grad_accum):
+            epoch, index = state.data.advance(order)
+            rows = [data.train[i] for i in order.indices(epoch, index)]
+            dataset_batch = collate(rows, pad)
+            t0 = time.perf_counter()
+            batch, source = sources.next_batch(
+                dataset_batch, state.step, _unwrap(accelerator, objective).student
+            )
+            seconds["generation"] += time.perf_counter() - t0 if source != "dataset" else 0.0
+            micro_batches.append({k: v.to(accelerator.device) for k, v in batch.items()})
+            step_sources.append(source)
+            counts[source] = counts.get(source, 0) + 1
+        pretrain_batches = [None] * len(micro_batches)
+        pretrain_tokens = None
+        if pretrain_order is not None and config.objective.lm_coef > 0:
+            pretrain_batches = []
+            for _ in micro_batches:
+                epoch, index = state.pretrain.advance(pretrain_order)
+                chunk = data.pretrain.collate(
+                    [data.pretrain[i] for i in pretrain_order.indices(epoch, index)]
+                )
+                pretrain_batches.append({k: v.to(accelerator.device) for k, v in chunk.items()})
+            pretrain_tokens = _count_tokens(pretrain_batches, accelerator)
+
+        # 2. Normalise by the supervised tokens of the whole step (all micro-batches, all processes), so
+        #    that batch 4 x accumulation 1 and 2 x 2 give the same loss and gradient.
+        num_tokens = _count_tokens(micro_batches, accelerator)
+        # DDP averages gradients over processes; each process's loss is a share of the global token sum.
+        world = accelerator.num_processes
+        logged = torch.zeros(4, device=accelerator.device)  # total, ce, divergence, lm
+        for k, (batch, pretrain_batch) in enumerate(zip(micro_batches, pretrain_batches)):
+            t0 = time.perf_counter()
+            teacher_out = (
+                teacher_forward(teacher, batch, vocab_size, chunked=config.objective.chunk_size > 0)
+                if teacher is not None and config.objective.kd_ratio > 0
+                else None
+            )
+            t1 = time.perf_counter()
+            seconds["teacher"] += t1 - t0
+            sync = k == len(micro_batches) - 1
+            with accelerator.no_sync(objective) if not sync else _nullcontext():
+                loss = objective(batch, num_tokens, teacher_out, pretrain_batch, pretrain_tokens)
+                accelerator.backward(loss.total * world)
+            seconds["student"] += time.perf_counter() - t1
+            logged += torch.stack([loss.total.detach(), loss.ce, loss.divergence, loss.lm]).float()
+
+        # 3. Check, clip, step.
+        logged = accelerator.reduce(logged, reduction="sum")
+        if not torch.isfinite(logged[0]):
+            raise NonFiniteLossError(
+                f"the loss became {logged[0].item()} at optimizer step {state.step + 1}; the last good checkpoint "
+                f"in {out / 'checkpoints'} is kept. Lower train.lr, use train.precision=fp32, or check the data"
+            )
+        t0 = time.perf_counter()
+        grad_norm = (
+            accelerator.clip_grad_norm_(objective.parameters(), config.train.clip_grad)
+            if config.train.clip_grad > 0
+            else None
+        )
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds["student"] += time.perf_counter() - t0
+        state.step += 1
+        state.tokens_seen += int(num_tokens)
+
+        # 4. Log, evaluate, checkpoint.
+        elapsed = time.perf_counter() - step_start
+        step_start = time.perf_counter()
+        row = {
+            "step": state.step,
+            "loss": logged[0].item(),
+            "ce": logged[1].item(),
+            "divergence": logged[2].item(),
+            "lm": logged[3].item(),
+            "lr": scheduler.get_last_lr()[0],
+            "tokens": int(num_tokens),
+            "tokens_per_s": int(num_tokens) / max(elapsed, 1e-9),
+            "sources": ",".join(step_sources),
+        }
+        if grad_norm is not None:
+            row["grad_norm"] = float(grad_norm)
+        bar.update(1)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+        if state.step % config.train.log_every == 0 or state.step == total_steps:
+            metrics.write(row)
+
+        if state.step % eval_every == 0 or state.step == total_steps:
+            t0 = time.perf_counter()
+            evaluation = _evaluate(config, accelerator, objective, tokenizer, data, vocab_size, state.step)
+            seconds["evaluation"] += time.perf_counter() - t0
+            last_dev_loss = evaluation.get("dev_loss", last_dev_loss)
+            if "dev_loss" in evaluation:
+                sources.on_evaluation(evaluation["dev_loss"])
+            evaluation.update(sources.describe())
+            metrics.write({"step": state.step, **evaluation})
+            _keep_best(config, accelerator, objective, tokenizer, state, evaluation, out)
+
+        if state.step % save_every == 0 or state.step == total_steps:
+            _save(config, accelerator, objective, tokenizer, optimizer, scheduler, sources, state, out)
+    bar.close()
+
+    if accelerator.is_main_process:
+        model = _unwrap(accelerator, objective).student
+        save_model(out / "last", model, tokenizer, extra={"step": state.step, "dev_loss": last_dev_loss})
+        summary = {
+            "steps": state.step,
+            "seconds": seconds,
+            "source_counts": counts,
+            "tokens": state.tokens_seen,
+        }
+        (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return TrainResult(out, state.step, state.best_metric, state.best_step, last_dev_loss, seconds, counts)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Named steps of the loop.
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _unwrap(accelerator, objective) -> StudentObjective:
+    return accelerator.unwrap_model(objective)
+
+
+def _evaluate(config, accelerator, objective, tokenizer, data, vocab_size, step) -> dict[str, float]:
+    from distillm.data import collate, collate_chunks
+
+    student = _unwrap(accelerator, objective).student
+    result: dict[str, float] = {}
+    if data.dev is not None:
+        result["dev_loss"] = dev_loss(
+            student,
+            data.dev,
+            collate,
+            tokenizer.pad_token_id,
+            config.train.batch_size,
+            accelerator,
+            vocab_size,
+        )
+        result["dev_ppl"] = math.exp(min(result["dev_loss"], 50.0))
+    if config.train.eval_rouge and data.dev_examples:
+        result["dev_rougeL"] = dev_rouge(
+            student, tokenizer, data.dev_examples, config, accelerator, seed=config.seed
+        )
+    if result:
+        logger.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+    return result
+
+
+def _keep_best(config, accelerator, objective, tokenizer, state: TrainState, evaluation, out: Path) -> None:
+    key = "dev_rougeL" if config.train.select_by == "rougeL" else "dev_loss"
+    if key not in evaluation:
+        return
+    value = evaluation[key]
+    better = state.best_metric is None or (
+        value > state.best_metric if key == "dev_rougeL" else value < state.best_metric
+    )
+    if not better:
+        return
+    state.best_metric, state.best_step = value, state.step
+    if accelerator.is_main_process:
+        model = _unwrap(accelerator, objective).student
+        save_model(out / "best", model, tokenizer, extra={"step": state.step, **evaluation})
+
+
+def _save(config, accelerator, objective, tokenizer, optimizer, scheduler, sources, state, out) -> None:
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        trainer_state = {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "sources": sources.state_dict(),
+            "train": _state_to_dict(state),
+        }
+        model = _unwrap(accelerator, objective).student
+        save_checkpoint(out, state.step, model, tokenizer, trainer_state, keep=config.train.keep_checkpoints)
+    accelerator.wait_for_everyone()
+
+
+def _state_to_dict(state: TrainState) -> dict[str, Any]:
+    return {
+        "step": state.step,
+        "data": [state.data.epoch, state.data.index],
+        "pretrain": [state.pretrain.epoch, state.pretrain.index],
+        "best_metric": state.best_metric,
+        "best_step": state.best_step,
+        "tokens_seen": state.tokens_seen,
+    }
+
+
+def _state_from_dict(saved: dict[str, Any]) -> TrainState:
+    return TrainState(
+        step=saved["step"],
+        data=Cursor(*saved["data"]),
+        pretrain=Cursor(*saved["pretrain"]),
+        best_metric=saved["best_metric"],
+        best_step=saved["best_step"],
+        tokens_seen=saved["tokens_seen"],
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# `distillm train`
+
+
+def add_arguments(parser) -> None:
+    import argparse
+
+    from distillm.config import format_help
+
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.description = (
+        "Train a model: teacher fine-tuning, student initialisation, or any distillation method.\n"
+        "A preset (YAML) fills the configuration; KEY=VALUE overrides follow it, e.g.\n"
+        "  distillm train --config configs/tiny/distillm.yaml train.max_steps=200 seed=1\n"
+        "A run resumes from the newest checkpoint in train.output_dir unless train.resume=false."
+    )
+    parser.epilog = "configuration keys (KEY=DEFAULT):" + format_help()
+    parser.add_argument("--config", help="YAML preset (see configs/).")
+    parser.add_argument(
+        "--resume", action="store_true", help="Require a checkpoint in train.output_dir to resume from."
+    )
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="Dotted configuration overrides.")
+
+
+def run(args) -> int:
+    from distillm.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    if args.resume:
+        if not config.train.resume:
+            raise UserError("--resume contradicts train.resume=false")
+        if latest_checkpoint(config.train.output_dir) is None:
+            raise UserError(
+                f"--resume: no checkpoint in {config.train.output_dir}/checkpoints to resume from"
+            )
+    result = train(config)
+    logger.info(
+        "done: %d steps in %s (best %s at step %s)",
+        result.steps,
+        result.output_dir,
+        result.best_metric,
+        result.best_step,
+    )
+    return 0
