@@ -60,4 +60,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 _register("train", "distillm.train", "Train a teacher or a student (SFT, KD, SeqKD, ImitKD, GKD, DistiLLM).")
-_register("prepare", "distillm.data.prepare", "Read, validate, template and tokenize a dataset, or write the bundled task suite.")
+_register("prepare", "distillm.data.prepare", "Tokenize a dataset, or write the bundled task suite.")

@@ -1,0 +1,50 @@
+"""Prompt templates: the paper's Alpaca-style text (two variants), or the tokenizer's own chat template."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from distillm.errors import UserError
+
+if TYPE_CHECKING:
+    from distillm.data.formats import Example
+
+TEMPLATES = ("alpaca", "chat")
+
+# Byte-exact with the original's tools/process_data_dolly.py (method reference, section 3.2).
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the "
+    "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n"
+    "### Input:\n{input}\n\n### Response:\n"
+)
+
+
+def render_prompt(example: Example, template: str = "alpaca", tokenizer=None) -> str:
+    """The prompt text of ``example``: its ready-made ``prompt`` if the file had one, else the template.
+
+    ``alpaca``: the paper's template, the variant without input when ``example.input`` is empty (or only
+    whitespace). ``chat``: ``tokenizer``'s chat template, with the instruction (and the input after a blank
+    line) as the user message, ending with the assistant's generation prompt.
+    """
+    if template not in TEMPLATES:
+        raise UserError(f"unknown template {template!r}; use one of: {', '.join(TEMPLATES)}")
+    if example.prompt is not None:
+        return example.prompt
+    has_input = bool(example.input.strip())
+    if template == "alpaca":
+        if has_input:
+            return ALPACA_WITH_INPUT.format(instruction=example.instruction, input=example.input)
+        return ALPACA_NO_INPUT.format(instruction=example.instruction)
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise UserError(
+            "template 'chat' needs a tokenizer with a chat template; this tokenizer has none "
+            "(use template 'alpaca', or a chat model's tokenizer)"
+        )
+    message = example.instruction + (f"\n\n{example.input}" if has_input else "")
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": message}], tokenize=False, add_generation_prompt=True
+    )
