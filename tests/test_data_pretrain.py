@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import distillm.data.pretrain as pretrain_module
-from distillm.data import collate_chunks, prepare_pretrain
+from distillm.data import PretrainChunks, collate_chunks, prepare_pretrain
 from distillm.errors import UserError
 
 DOCS = ["alpha beta gamma delta", "apple banana cherry river mountain ocean", "one two three four five six"]
@@ -47,6 +47,7 @@ def test_collated_chunks_are_shifted_language_model_batches(tiny_tokenizer):
     assert batch["input_ids"].tolist() == [[1, 2, 3], [5, 6, 7]]
     assert batch["labels"].tolist() == [[2, 3, 4], [6, 7, 8]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 1]]
+    assert PretrainChunks.collate([[1, 2, 3, 4]])["labels"].tolist() == [[2, 3, 4]]
 
 
 def test_the_packed_corpus_is_reused_until_the_corpus_changes(tiny_tokenizer, tmp_path, monkeypatch):

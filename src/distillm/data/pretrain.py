@@ -45,6 +45,11 @@ class PretrainChunks:
     def __getitem__(self, index: int) -> list[int]:
         return self._chunks[index].tolist()
 
+    @staticmethod
+    def collate(items: Sequence[Sequence[int]]) -> dict[str, Tensor]:
+        """Same as :func:`collate_chunks`."""
+        return collate_chunks(items)
+
 
 def collate_chunks(items: Sequence[Sequence[int]]) -> dict[str, Tensor]:
     """Stack equal-length chunks into ``input_ids``, ``attention_mask``, ``labels`` ``[B, C - 1]``.
