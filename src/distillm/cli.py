@@ -61,3 +61,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 _register("train", "distillm.train", "Train a teacher or a student (SFT, KD, SeqKD, ImitKD, GKD, DistiLLM).")
 _register("prepare", "distillm.data.prepare", "Tokenize a dataset, or write the bundled task suite.")
+_register("evaluate", "distillm.evaluate", "Sample responses on test sets over several seeds and score them (ROUGE-L).")
