@@ -1,0 +1,297 @@
+"""Fast sampling from a causal LM with a KV cache, and turning the samples into training batches.
+
+:func:`sample` is a lean decoding loop: it keeps the model's KV cache, computes the language-model head for
+the last position only, and draws tokens by inverse-CDF sampling from one uniform number per row. On 2 CPU
+cores it runs about twice as fast as ``model.generate`` with the same settings (``benchmarks/generation.py``).
+:func:`samples_to_batch` builds a batch of the project's batch contract (``docs/design.md``) from the prompts
+and the sampled responses; see ``docs/generation.md`` for the label convention.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from distillm import IGNORE_INDEX
+from distillm.config import GenerationConfig
+
+logger = logging.getLogger(__name__)
+
+# Model types whose ``ForCausalLM.forward`` is exactly ``lm_head(backbone(...).last_hidden_state)``: for them
+# we call the backbone and apply the head ourselves (see `_LastLogits`). Others go through the full forward.
+_PLAIN_HEAD_MODEL_TYPES = frozenset({"gpt2", "llama", "mistral", "qwen2", "qwen3"})
+
+
+def sample(
+    model: nn.Module,
+    prompt_ids: Tensor,
+    prompt_attention_mask: Tensor,
+    config: GenerationConfig,
+    eos_token_id: int,
+    pad_token_id: int,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Sample a response for each prompt; returns the response tokens, ``[B, N]`` long with ``N <= max_new_tokens``.
+
+    ``prompt_ids`` ``[B, P]`` is **left**-padded and ``prompt_attention_mask`` ``[B, P]`` marks its real
+    tokens. Each row stops at its own ``eos_token_id`` (kept in the row); the positions after it hold
+    ``pad_token_id``. Decoding stops as soon as every row has finished. All randomness comes from
+    ``generator`` (on the model's device, or on the CPU), so a generator seeded the same way gives the same
+    samples. The model runs in eval mode without gradients and is put back in its previous mode afterwards.
+    Works on Hugging Face causal LMs, on peft-wrapped ones and on DDP/DeepSpeed-style ``.module`` wrappers.
+    """
+    was_training = model.training
+    model.eval()  # no dropout while sampling, as in the original
+    try:
+        with torch.inference_mode():
+            response = _decode(
+                model, prompt_ids, prompt_attention_mask, config, eos_token_id, pad_token_id, generator
+            )
+    finally:
+        model.train(was_training)
+    # A plain tensor (not an inference tensor), so the training step may save it for backward.
+    return response.clone()
+
+
+def _decode(
+    model: nn.Module,
+    prompt_ids: Tensor,
+    prompt_attention_mask: Tensor,
+    config: GenerationConfig,
+    eos_token_id: int,
+    pad_token_id: int,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """The decoding loop of :func:`sample` (already under inference mode). Returns ``[B, N]``."""
+    last_logits = _LastLogits.for_model(model)
+    batch_size, prompt_len = prompt_ids.shape
+    device = prompt_ids.device
+    max_new = config.max_new_tokens
+    prompt_mask = prompt_attention_mask.to(device=device, dtype=torch.long)
+
+    # Without padding the attention mask can be left out, which lets SDPA use its causal fast path.
+    has_padding = not bool(prompt_mask.all())
+    full_mask = (
+        torch.cat([prompt_mask, prompt_mask.new_ones(batch_size, max_new)], dim=1) if has_padding else None
+    )
+    # Left padding: the first real token sits at position 0 (HF's convention), padding gets a harmless 0.
+    positions = (prompt_mask.cumsum(-1) - 1).clamp_min(0)  # [B, P]
+    next_position = positions[:, -1:] + 1  # [B, 1]
+
+    banned = (
+        _NgramBan(config.no_repeat_ngram_size, prompt_ids, prompt_mask)
+        if config.no_repeat_ngram_size
+        else None
+    )
+    response = prompt_ids.new_full((batch_size, max_new), pad_token_id)  # [B, N]
+    finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
+
+    logits, cache = last_logits(
+        prompt_ids, full_mask[:, :prompt_len] if has_padding else None, positions, None
+    )
+    steps = 0
+    for step in range(max_new):
+        if banned is not None:
+            banned.apply(logits)
+        token = _next_token(logits, config, generator)  # [B]
+        token = torch.where(finished, pad_token_id, token)
+        response[:, step] = token
+        steps = step + 1
+        finished |= token == eos_token_id
+        if banned is not None:
+            banned.append(token)
+        # One device sync per step, like `generate`'s stopping check; cheap next to a forward pass.
+        if step == max_new - 1 or bool(finished.all()):
+            break
+        mask = full_mask[:, : prompt_len + step + 1] if has_padding else None
+        logits, cache = last_logits(token[:, None], mask, next_position, cache)
+        next_position = next_position + 1
+    return response[:, :steps]
+
+
+def _next_token(logits: Tensor, config: GenerationConfig, generator: torch.Generator | None) -> Tensor:
+    """Pick the next token of each row from its logits ``[B, V]`` (modified in place). Returns ``[B]`` long."""
+    if not config.do_sample:
+        return logits.argmax(-1)
+    if config.temperature != 1.0:
+        logits.div_(config.temperature)
+    if config.top_k and config.top_k < logits.shape[-1]:
+        kth_largest = logits.topk(config.top_k, dim=-1).values[:, -1:]  # [B, 1]
+        logits.masked_fill_(logits < kth_largest, float("-inf"))
+    if config.top_p < 1.0:
+        # Nucleus: keep the most likely tokens until their mass reaches top_p (the first one always).
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # [B, V]
+        sorted_probs = sorted_logits.softmax(-1)
+        mass_before = sorted_probs.cumsum(-1) - sorted_probs
+        sorted_probs.masked_fill_(mass_before >= config.top_p, 0.0)
+        choice = _sample_categorical(sorted_probs, generator)
+        return order.gather(-1, choice[:, None]).squeeze(-1)
+    return _sample_categorical(logits.softmax(-1), generator)
+
+
+def _sample_categorical(probs: Tensor, generator: torch.Generator | None) -> Tensor:
+    """One draw per row from unnormalised probabilities ``[B, V]`` by inverse CDF. Returns ``[B]`` long.
+
+    One uniform number per row instead of ``torch.multinomial``'s work over the whole vocabulary: on CPU this
+    is ~20x faster at V = 49k. The CDF is accumulated in float64 so the last bins stay exact.
+    """
+    cdf = probs.cumsum(-1, dtype=torch.float64)  # [B, V]
+    rand_device = generator.device if generator is not None else probs.device
+    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64, device=rand_device)
+    threshold = u.to(probs.device) * cdf[:, -1:]  # [B, 1], in [0, total)
+    # right=True: the first bin whose CDF exceeds the threshold, so a zero-probability token is never chosen.
+    choice = torch.searchsorted(cdf, threshold, right=True).squeeze(-1)
+    return choice.clamp_max_(probs.shape[-1] - 1)
+
+
+class _NgramBan:
+    """Forbids tokens that would repeat an n-gram of the row's sequence (real prompt tokens + response)."""
+
+    def __init__(self, size: int, prompt_ids: Tensor, prompt_mask: Tensor):
+        self.size = size
+        self.sequences: list[list[int]] = [
+            row[mask.bool()].tolist() for row, mask in zip(prompt_ids.cpu(), prompt_mask.cpu())
+        ]
+        # Per row: the (size - 1) tokens before an n-gram's last token -> the last tokens seen after them.
+        self.seen: list[dict[tuple[int, ...], set[int]]] = [{} for _ in self.sequences]
+        for sequence, seen in zip(self.sequences, self.seen):
+            for end in range(size, len(sequence) + 1):
+                self._record(sequence, seen, end)
+
+    def _record(self, sequence: list[int], seen: dict[tuple[int, ...], set[int]], end: int) -> None:
+        seen.setdefault(tuple(sequence[end - self.size : end - 1]), set()).add(sequence[end - 1])
+
+    def apply(self, logits: Tensor) -> None:
+        """Set the logits ``[B, V]`` of forbidden tokens to -inf, in place."""
+        for row, (sequence, seen) in enumerate(zip(self.sequences, self.seen)):
+            if len(sequence) + 1 < self.size:
+                continue
+            prefix = tuple(sequence[len(sequence) - self.size + 1 :]) if self.size > 1 else ()
+            forbidden = seen.get(prefix)
+            if forbidden:
+                logits[row, list(forbidden)] = float("-inf")
+
+    def append(self, token: Tensor) -> None:
+        """Extend each row by its new token ``[B]`` and record the n-gram it completes."""
+        for sequence, seen, value in zip(self.sequences, self.seen, token.tolist()):
+            sequence.append(value)
+            if len(sequence) >= self.size:
+                self._record(sequence, seen, len(sequence))
+
+
+@dataclass
+class _LastLogits:
+    """One forward step that returns the last position's logits ``[B, V]`` (float32) and the KV cache.
+
+    For the model types in ``_PLAIN_HEAD_MODEL_TYPES`` with a plain ``nn.Linear`` head, the backbone is
+    called directly and the head is applied to the last hidden state as ``W @ h^T``: for a skinny ``[B, H]``
+    input, MKL runs that product ~2x faster than ``h @ W^T`` (``F.linear``), and at vocab 49k the head is
+    half of a decoding step on CPU. Other models run their full forward, with ``logits_to_keep=1`` when
+    they accept it.
+    """
+
+    module: nn.Module
+    head: nn.Linear | None
+    cache_arg: str
+    accepts_positions: bool
+    keep_last_only: dict[str, Any]
+
+    @classmethod
+    def for_model(cls, model: nn.Module) -> _LastLogits:
+        hf_model = _unwrap(model)
+        head = hf_model.get_output_embeddings() if hasattr(hf_model, "get_output_embeddings") else None
+        model_type = getattr(getattr(hf_model, "config", None), "model_type", None)
+        if model_type in _PLAIN_HEAD_MODEL_TYPES and type(head) is nn.Linear:
+            module, keep_last_only = hf_model.base_model, {}
+        else:
+            module, head = hf_model, None
+            parameters = inspect.signature(hf_model.forward).parameters
+            keep_last_only = {
+                name: 1 for name in ("logits_to_keep", "num_logits_to_keep") if name in parameters
+            }
+            keep_last_only = dict(list(keep_last_only.items())[:1])
+        parameters = inspect.signature(module.forward).parameters
+        # transformers 5.x renamed `past_key_values` to `cache` (the old name is deprecated).
+        cache_arg = "cache" if "cache" in parameters else "past_key_values"
+        return cls(module, head, cache_arg, "position_ids" in parameters, keep_last_only)
+
+    def __call__(
+        self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor, cache: Any
+    ) -> tuple[Tensor, Any]:
+        kwargs: dict[str, Any] = {self.cache_arg: cache, "use_cache": True, **self.keep_last_only}
+        if self.accepts_positions:
+            kwargs["position_ids"] = position_ids
+        outputs = self.module(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        new_cache = getattr(outputs, "cache", None)
+        if new_cache is None:  # transformers 4.x
+            new_cache = getattr(outputs, "past_key_values", None)
+        if self.head is None:
+            return outputs.logits[:, -1].float(), new_cache
+        hidden = outputs.last_hidden_state[:, -1]  # [B, H]
+        logits = (self.head.weight @ hidden.T).T  # [B, V]; see the class docstring for the transposition
+        if self.head.bias is not None:
+            logits = logits + self.head.bias
+        return logits.float(), new_cache
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The Hugging Face model inside DDP/DeepSpeed (``.module``) and peft (``get_base_model()``) wrappers."""
+    while isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    get_base_model = getattr(model, "get_base_model", None)
+    # peft injects LoRA layers into the base model's modules, so calling the base model keeps the adapters.
+    return get_base_model() if callable(get_base_model) else model
+
+
+def samples_to_batch(
+    prompt_ids: Tensor,
+    prompt_attention_mask: Tensor,
+    response_ids: Tensor,
+    eos_token_id: int,
+    pad_token_id: int,
+) -> dict[str, Tensor]:
+    """A training batch (the batch contract of ``docs/design.md``) of prompts and sampled responses.
+
+    ``prompt_ids`` ``[B, P]`` left-padded with ``prompt_attention_mask``; ``response_ids`` ``[B, N]`` as
+    returned by :func:`sample`. Each row is the real prompt tokens followed by the response up to and
+    including its first EOS; a response that reached ``N`` without EOS keeps all its tokens and gets no
+    invented EOS. ``labels`` are shifted and supervise exactly the response: the last prompt position
+    predicts the first response token, ..., the position before the EOS predicts the EOS. The response end is
+    found by position (first EOS), never by comparing with the pad id, which equals EOS for GPT-2 tokenizers.
+    """
+    batch_size, response_len = response_ids.shape
+    device = prompt_ids.device
+    prompt_lengths = prompt_attention_mask.sum(-1).tolist()
+    is_eos = response_ids == eos_token_id  # [B, N]
+    first_eos = torch.where(is_eos.any(-1), is_eos.int().argmax(-1), response_len - 1)  # [B]
+    response_lengths = torch.where(is_eos.any(-1), first_eos + 1, response_len).tolist()
+
+    rows = [
+        torch.cat(
+            [prompt_ids[b, prompt_ids.shape[1] - prompt_lengths[b] :], response_ids[b, : response_lengths[b]]]
+        )
+        for b in range(batch_size)
+    ]
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((batch_size, width), pad_token_id, dtype=torch.long, device=device)  # [B, T]
+    attention_mask = torch.zeros((batch_size, width), dtype=torch.long, device=device)
+    labels = torch.full((batch_size, width), IGNORE_INDEX, dtype=torch.long, device=device)
+    for b, row in enumerate(rows):
+        input_ids[b, : len(row)] = row
+        attention_mask[b, : len(row)] = 1
+        # Shifted: position t predicts token t + 1, for every response token (the EOS included).
+        first_target = prompt_lengths[b]
+        if response_lengths[b] > 0:
+            labels[b, max(first_target - 1, 0) : len(row) - 1] = row[max(first_target, 1) :]
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "prompt_ids": prompt_ids,
+        "prompt_attention_mask": prompt_attention_mask,
+    }

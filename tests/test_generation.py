@@ -1,0 +1,309 @@
+"""Sampling with a KV cache (`distillm.generation.sample`) and building training batches from samples."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from distillm import IGNORE_INDEX
+from distillm.config import GenerationConfig
+from distillm.generation import sample, samples_to_batch
+
+EOS = 0  # the tiny tokenizer's EOS, which is also its pad token (as with GPT-2)
+PAD = 0
+
+
+@pytest.fixture(scope="module")
+def gpt2(tiny_student_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(tiny_student_dir)).eval()
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_model_factory):
+    from transformers import AutoModelForCausalLM
+
+    folder = tiny_model_factory("llama", seed=3, layers=2, hidden=32, heads=4, num_key_value_heads=2)
+    return AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+
+
+def left_padded_prompts(
+    lengths: list[int], vocab: int = 512, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random prompts of the given lengths, left-padded with PAD: ([B, P], [B, P])."""
+    rng = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), PAD, dtype=torch.long)
+    mask = torch.zeros((len(lengths), width), dtype=torch.long)
+    for row, length in enumerate(lengths):
+        ids[row, width - length :] = torch.randint(1, vocab, (length,), generator=rng)
+        mask[row, width - length :] = 1
+    return ids, mask
+
+
+class ScriptedModel(nn.Module):
+    """A stand-in causal LM that emits ``script[:, k]`` at decoding step k (all other tokens impossible).
+
+    The "cache" it hands back counts the steps, so the test also checks that the sampler threads the cache.
+    """
+
+    def __init__(self, script: torch.Tensor, vocab: int = 16):
+        super().__init__()
+        self.script, self.vocab = script, vocab
+        self.dropout = nn.Dropout(0.1)
+
+    def forward(
+        self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=True
+    ):
+        step = 0 if past_key_values is None else past_key_values["step"] + 1
+        logits = torch.full((input_ids.shape[0], input_ids.shape[1], self.vocab), -1e4)
+        logits[:, -1].scatter_(1, self.script[:, step : step + 1], 0.0)
+        return SimpleNamespace(logits=logits, past_key_values={"step": step})
+
+
+def test_same_generator_seed_gives_same_samples_and_another_seed_different(gpt2):
+    prompts, mask = left_padded_prompts([5, 9, 3, 7])
+    config = GenerationConfig(max_new_tokens=24)
+    first = sample(gpt2, prompts, mask, config, EOS, PAD, torch.Generator().manual_seed(7))
+    again = sample(gpt2, prompts, mask, config, EOS, PAD, torch.Generator().manual_seed(7))
+    other = sample(gpt2, prompts, mask, config, EOS, PAD, torch.Generator().manual_seed(8))
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+
+
+@pytest.mark.parametrize("pad", [PAD, 9])
+def test_each_row_stops_at_its_own_eos_and_is_padded_after_it(pad):
+    eos = 3
+    script = torch.tensor(
+        [
+            [5, 6, eos, 7, 7, 7, 7, 7],  # EOS at step 2
+            [eos, 5, 5, 5, 5, 5, 5, 5],  # EOS at once
+            [4, 4, 4, 4, eos, 8, 8, 8],  # EOS at step 4: the last row to finish, so decoding stops there
+        ]
+    )
+    prompts, mask = left_padded_prompts([2, 4, 3], vocab=16)
+    out = sample(ScriptedModel(script), prompts, mask, GenerationConfig(max_new_tokens=8), eos, pad)
+    expected = torch.tensor([[5, 6, eos, pad, pad], [eos, pad, pad, pad, pad], [4, 4, 4, 4, eos]])
+    assert torch.equal(out, expected)
+
+
+def test_rows_without_eos_run_to_max_new_tokens():
+    script = torch.tensor([[5, 6, 7, 8, 9, 10], [1, 3, 4, 4, 4, 4]])
+    prompts, mask = left_padded_prompts([2, 2], vocab=16)
+    out = sample(ScriptedModel(script), prompts, mask, GenerationConfig(max_new_tokens=4), 3, PAD)
+    assert torch.equal(out, torch.tensor([[5, 6, 7, 8], [1, 3, PAD, PAD]]))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_greedy_decoding_equals_hf_generate_with_left_padded_prompts(family, request):
+    model = request.getfixturevalue(family)
+    prompts, mask = left_padded_prompts([3, 11, 6, 1], seed=1)
+    ours = sample(model, prompts, mask, GenerationConfig(max_new_tokens=20, do_sample=False), EOS, PAD)
+    reference = model.generate(
+        input_ids=prompts,
+        attention_mask=mask,
+        do_sample=False,
+        max_new_tokens=20,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+    )[:, prompts.shape[1] :]
+    assert torch.equal(ours, reference)
+
+
+def test_greedy_decoding_of_a_peft_model_equals_its_generate_and_uses_the_adapters(gpt2):
+    peft = pytest.importorskip("peft")
+    import copy
+
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], init_lora_weights=False)
+    wrapped = peft.get_peft_model(copy.deepcopy(gpt2), lora).eval()
+    prompts, mask = left_padded_prompts([4, 8], seed=2)
+    config = GenerationConfig(max_new_tokens=16, do_sample=False)
+    ours = sample(wrapped, prompts, mask, config, EOS, PAD)
+    reference = wrapped.generate(
+        input_ids=prompts,
+        attention_mask=mask,
+        do_sample=False,
+        max_new_tokens=16,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+    )[:, prompts.shape[1] :]
+    assert torch.equal(ours, reference)
+    assert not torch.equal(ours, sample(gpt2, prompts, mask, config, EOS, PAD))  # the random adapters matter
+
+
+def test_top_k_of_one_equals_greedy(llama):
+    prompts, mask = left_padded_prompts([5, 2, 7], seed=3)
+    greedy = sample(llama, prompts, mask, GenerationConfig(max_new_tokens=12, do_sample=False), EOS, PAD)
+    top1 = sample(
+        llama, prompts, mask, GenerationConfig(max_new_tokens=12, top_k=1), EOS, PAD, torch.Generator()
+    )
+    assert torch.equal(top1, greedy)
+
+
+def test_a_tiny_top_p_equals_greedy(gpt2):
+    prompts, mask = left_padded_prompts([5, 2, 7], seed=4)
+    greedy = sample(gpt2, prompts, mask, GenerationConfig(max_new_tokens=12, do_sample=False), EOS, PAD)
+    nucleus = sample(
+        gpt2, prompts, mask, GenerationConfig(max_new_tokens=12, top_p=1e-6), EOS, PAD, torch.Generator()
+    )
+    assert torch.equal(nucleus, greedy)
+
+
+def expected_distribution(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """Temperature, then top-k, then the smallest top set of mass >= top_p, written out token by token."""
+    probs = (logits.double() / temperature).softmax(-1)
+    ranked = sorted(range(len(probs)), key=lambda i: -probs[i].item())
+    kept = ranked[:top_k] if top_k else ranked
+    kept_probs = (logits.double()[kept] / temperature).softmax(-1)
+    nucleus, mass = [], 0.0
+    for token, p in zip(kept, kept_probs.tolist()):
+        nucleus.append(token)
+        mass += p
+        if mass >= top_p:
+            break
+    expected = torch.zeros_like(probs)
+    expected[nucleus] = probs[nucleus] / probs[nucleus].sum()
+    return expected
+
+
+@pytest.mark.parametrize(
+    ("temperature", "top_k", "top_p"),
+    [(1.0, 0, 1.0), (0.5, 0, 1.0), (2.0, 3, 1.0), (1.0, 0, 0.7), (1.5, 4, 0.8)],
+)
+def test_sampled_tokens_follow_the_temperature_top_k_top_p_distribution(temperature, top_k, top_p):
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -0.5, -1.0, 1.5, 0.2])
+    rows = 20_000
+
+    class Fixed(nn.Module):
+        def forward(
+            self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=True
+        ):
+            return SimpleNamespace(logits=logits.expand(input_ids.shape[0], input_ids.shape[1], -1).clone())
+
+    prompts = torch.ones((rows, 1), dtype=torch.long)
+    config = GenerationConfig(max_new_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p)
+    out = sample(
+        Fixed(), prompts, torch.ones_like(prompts), config, 99, PAD, torch.Generator().manual_seed(0)
+    )
+    frequencies = torch.bincount(out[:, 0], minlength=len(logits)).double() / rows
+    expected = expected_distribution(logits, temperature, top_k, top_p)
+    assert torch.all(frequencies[expected == 0] == 0)
+    torch.testing.assert_close(frequencies, expected, atol=0.015, rtol=0)  # ~4 standard errors at 20k draws
+
+
+def ngrams(tokens: list[int], size: int) -> list[tuple[int, ...]]:
+    return [tuple(tokens[i : i + size]) for i in range(len(tokens) - size + 1)]
+
+
+@pytest.mark.parametrize("size", [1, 2, 3])
+def test_no_repeat_ngram_size_leaves_no_repeated_ngram_in_prompt_plus_response(gpt2, size):
+    prompts, mask = left_padded_prompts([6, 3, 9, 4], seed=5)
+    config = GenerationConfig(max_new_tokens=40, no_repeat_ngram_size=size, temperature=0.3)
+    out = sample(gpt2, prompts, mask, config, EOS, PAD, torch.Generator().manual_seed(0))
+    for row in range(len(prompts)):
+        response = out[row].tolist()
+        if EOS in response:
+            response = response[: response.index(EOS) + 1]
+        sequence = prompts[row][mask[row].bool()].tolist() + response
+        grams = ngrams(sequence, size)
+        assert len(grams) == len(set(grams)), f"row {row} repeats an n-gram: {sequence}"
+
+
+def test_greedy_no_repeat_ngram_equals_hf_generate_on_unpadded_prompts(llama):
+    prompts, mask = left_padded_prompts([6, 6, 6], seed=6)
+    ours = sample(
+        llama,
+        prompts,
+        mask,
+        GenerationConfig(max_new_tokens=30, do_sample=False, no_repeat_ngram_size=2),
+        EOS,
+        PAD,
+    )
+    reference = llama.generate(
+        input_ids=prompts,
+        attention_mask=mask,
+        do_sample=False,
+        no_repeat_ngram_size=2,
+        max_new_tokens=30,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+    )[:, prompts.shape[1] :]
+    assert torch.equal(ours, reference)
+
+
+def test_train_mode_is_restored_and_eval_mode_kept():
+    script = torch.tensor([[5, 3]])
+    model = ScriptedModel(script).train()
+    sample(
+        model,
+        torch.ones((1, 2), dtype=torch.long),
+        torch.ones((1, 2), dtype=torch.long),
+        GenerationConfig(max_new_tokens=4),
+        3,
+        PAD,
+    )
+    assert model.training and model.dropout.training
+    model.eval()
+    sample(
+        model,
+        torch.ones((1, 2), dtype=torch.long),
+        torch.ones((1, 2), dtype=torch.long),
+        GenerationConfig(max_new_tokens=4),
+        3,
+        PAD,
+    )
+    assert not model.training and not model.dropout.training
+
+
+def test_samples_are_usable_as_inputs_of_a_training_step(gpt2):
+    prompts, mask = left_padded_prompts([4, 6], seed=7)
+    response = sample(gpt2, prompts, mask, GenerationConfig(max_new_tokens=6), EOS, PAD, torch.Generator())
+    batch = samples_to_batch(prompts, mask, response, EOS, PAD)
+    gpt2.train()
+    try:
+        logits = gpt2(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits.sum().backward()  # fails if the sampled ids were inference tensors
+    finally:
+        gpt2.zero_grad(set_to_none=True)
+        gpt2.eval()
+
+
+@pytest.mark.parametrize("pad", [0, 99])
+def test_samples_to_batch_labels_cover_the_response_and_the_eos_prediction(pad):
+    eos, x = 0, IGNORE_INDEX
+    prompts = torch.tensor([[pad, pad, 5, 6], [7, 8, 9, 10], [pad, pad, pad, 4]])
+    prompt_mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1], [0, 0, 0, 1]])
+    responses = torch.tensor(
+        [
+            [11, eos, pad, pad],  # stops at EOS: the EOS is kept and supervised
+            [12, 13, 14, 15],  # no EOS within max_new_tokens: all tokens kept, no EOS invented
+            [eos, pad, pad, pad],  # an empty answer: only the EOS prediction
+        ]
+    )
+    batch = samples_to_batch(prompts, prompt_mask, responses, eos, pad)
+    p = pad
+    expected_ids = torch.tensor(
+        [
+            [5, 6, 11, eos, p, p, p, p],
+            [7, 8, 9, 10, 12, 13, 14, 15],
+            [4, eos, p, p, p, p, p, p],
+        ]
+    )
+    expected_mask = torch.tensor([[1, 1, 1, 1, 0, 0, 0, 0], [1] * 8, [1, 1, 0, 0, 0, 0, 0, 0]])
+    # labels[t] is the token that position t predicts (shifted once, here, and nowhere else).
+    expected_labels = torch.tensor(
+        [
+            [x, 11, eos, x, x, x, x, x],
+            [x, x, x, 12, 13, 14, 15, x],
+            [eos, x, x, x, x, x, x, x],
+        ]
+    )
+    assert torch.equal(batch["input_ids"], expected_ids)
+    assert torch.equal(batch["attention_mask"], expected_mask)
+    assert torch.equal(batch["labels"], expected_labels)
+    assert torch.equal(batch["prompt_ids"], prompts)
+    assert torch.equal(batch["prompt_attention_mask"], prompt_mask)
