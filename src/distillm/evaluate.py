@@ -198,16 +198,9 @@ def evaluate_model(
     """Sample and score ``examples`` once per seed; one :class:`SeedResult` per seed, in order."""
     results = []
     for seed in seeds:
+        label = f"{description} seed {seed}".strip()
         responses = generate_responses(
-            model,
-            tokenizer,
-            examples,
-            config,
-            seed,
-            template,
-            max_prompt_length,
-            progress,
-            description=f"{description} seed {seed}".strip(),
+            model, tokenizer, examples, config, seed, template, max_prompt_length, progress, description=label
         )
         predictions = [decode_response(tokenizer, response) for response in responses]
         results.append(
@@ -301,7 +294,7 @@ def unique_names(paths: Sequence[str]) -> list[str]:
 
 
 def load_model_and_tokenizer(
-    path: str, dtype: str = "fp32", device: str | None = None, trust_remote_code=False
+    path: str, dtype: str = "fp32", device: str | None = None, trust_remote_code: bool = False
 ):
     """A model (a LoRA adapter folder is merged onto its base) and its tokenizer, on ``device``, in eval mode.
 
@@ -471,9 +464,6 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--seeds {args.seeds} repeats a seed; give distinct seeds")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda, but no CUDA device is available; use --device cpu")
-    for path in args.model:
-        if not Path(path).is_dir():
-            raise UserError(f"--model {path}: no such folder (a model or LoRA adapter folder is expected)")
     eval_sets = [
         load_eval_set(spec, args.data_root, args.format, args.limit, args.task_seed) for spec in args.data
     ]
