@@ -188,8 +188,8 @@ def test_end_to_end_two_models_two_datasets_and_a_summary_that_the_prediction_fi
     table = (out / "results.md").read_text().splitlines()
     assert "| model | tasks | vicuna |" in table
     teacher_row = next(line for line in table if line.startswith(f"| {models[1]} |"))
-    dolly_stats = summary["models"][models[1]]["datasets"]["tasks"]["rougeL"]
-    assert f"{dolly_stats['mean']:.2f} ({dolly_stats['std']:.2f})" in teacher_row
+    tasks_stats = summary["models"][models[1]]["datasets"]["tasks"]["rougeL"]
+    assert f"{tasks_stats['mean']:.2f} ({tasks_stats['std']:.2f})" in teacher_row
 
 
 def test_a_lora_adapter_folder_loads_merged_onto_its_base_model(tiny_student_dir, tmp_path):
