@@ -275,8 +275,8 @@ def test_samples_are_usable_as_inputs_of_a_training_step(gpt2):
 @pytest.mark.parametrize("pad", [0, 99])
 def test_samples_to_batch_labels_cover_the_response_and_the_eos_prediction(pad):
     eos, x = 0, IGNORE_INDEX
-    prompts = torch.tensor([[pad, pad, 5, 6], [7, 8, 9, 10], [pad, pad, pad, 4]])
-    prompt_mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1], [0, 0, 0, 1]])
+    prompts = torch.tensor([[pad, pad, pad, 5, 6], [pad, 7, 8, 9, 10], [pad, pad, pad, pad, 4]])
+    prompt_mask = torch.tensor([[0, 0, 0, 1, 1], [0, 1, 1, 1, 1], [0, 0, 0, 0, 1]])
     responses = torch.tensor(
         [
             [11, eos, pad, pad],  # stops at EOS: the EOS is kept and supervised
@@ -286,24 +286,28 @@ def test_samples_to_batch_labels_cover_the_response_and_the_eos_prediction(pad):
     )
     batch = samples_to_batch(prompts, prompt_mask, responses, eos, pad)
     p = pad
+    # The model reads prompt + response without its final token, which is never an input (as for the dataset).
     expected_ids = torch.tensor(
         [
-            [5, 6, 11, eos, p, p, p, p],
-            [7, 8, 9, 10, 12, 13, 14, 15],
-            [4, eos, p, p, p, p, p, p],
+            [5, 6, 11, p, p, p, p],
+            [7, 8, 9, 10, 12, 13, 14],
+            [4, p, p, p, p, p, p],
         ]
     )
-    expected_mask = torch.tensor([[1, 1, 1, 1, 0, 0, 0, 0], [1] * 8, [1, 1, 0, 0, 0, 0, 0, 0]])
+    expected_mask = torch.tensor([[1, 1, 1, 0, 0, 0, 0], [1] * 7, [1, 0, 0, 0, 0, 0, 0]])
     # labels[t] is the token that position t predicts (shifted once, here, and nowhere else).
     expected_labels = torch.tensor(
         [
-            [x, 11, eos, x, x, x, x, x],
-            [x, x, x, 12, 13, 14, 15, x],
-            [eos, x, x, x, x, x, x, x],
+            [x, 11, eos, x, x, x, x],
+            [x, x, x, 12, 13, 14, 15],
+            [eos, x, x, x, x, x, x],
         ]
     )
+    # The prompts come back left-padded to the longest real prompt (the all-pad first column goes).
+    expected_prompts = torch.tensor([[p, p, 5, 6], [7, 8, 9, 10], [p, p, p, 4]])
+    expected_prompt_mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1], [0, 0, 0, 1]])
     assert torch.equal(batch["input_ids"], expected_ids)
     assert torch.equal(batch["attention_mask"], expected_mask)
     assert torch.equal(batch["labels"], expected_labels)
-    assert torch.equal(batch["prompt_ids"], prompts)
-    assert torch.equal(batch["prompt_attention_mask"], prompt_mask)
+    assert torch.equal(batch["prompt_ids"], expected_prompts)
+    assert torch.equal(batch["prompt_attention_mask"], expected_prompt_mask)

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from distillm import IGNORE_INDEX
 from distillm.config import GenerationConfig
+from distillm.data import collate
 
 logger = logging.getLogger(__name__)
 
@@ -258,40 +258,24 @@ def samples_to_batch(
     """A training batch (the batch contract of ``docs/design.md``) of prompts and sampled responses.
 
     ``prompt_ids`` ``[B, P]`` left-padded with ``prompt_attention_mask``; ``response_ids`` ``[B, N]`` as
-    returned by :func:`sample`. Each row is the real prompt tokens followed by the response up to and
-    including its first EOS; a response that reached ``N`` without EOS keeps all its tokens and gets no
-    invented EOS. ``labels`` are shifted and supervise exactly the response: the last prompt position
-    predicts the first response token, ..., the position before the EOS predicts the EOS. The response end is
-    found by position (first EOS), never by comparing with the pad id, which equals EOS for GPT-2 tokenizers.
+    returned by :func:`sample`. Each row's response is cut after its first EOS; a response that reached ``N``
+    without EOS keeps all its tokens and gets no invented EOS. The rows are collated exactly like dataset
+    rows (:func:`distillm.data.collate`): the model reads ``prompt + response`` without its final token and
+    ``labels`` are shifted, so they supervise exactly the response: the last prompt position predicts the
+    first response token, ..., the position before the EOS predicts the EOS. The response end is found by
+    position (first EOS), never by comparing with the pad id, which equals EOS for GPT-2 tokenizers.
     """
     batch_size, response_len = response_ids.shape
-    device = prompt_ids.device
     prompt_lengths = prompt_attention_mask.sum(-1).tolist()
     is_eos = response_ids == eos_token_id  # [B, N]
-    first_eos = torch.where(is_eos.any(-1), is_eos.int().argmax(-1), response_len - 1)  # [B]
-    response_lengths = torch.where(is_eos.any(-1), first_eos + 1, response_len).tolist()
-
-    rows = [
-        torch.cat(
-            [prompt_ids[b, prompt_ids.shape[1] - prompt_lengths[b] :], response_ids[b, : response_lengths[b]]]
+    has_eos = is_eos.any(-1)
+    response_lengths = torch.where(has_eos, is_eos.int().argmax(-1) + 1, response_len).tolist()  # [B]
+    items = [
+        (
+            prompt_ids[b, prompt_ids.shape[1] - prompt_lengths[b] :].tolist(),
+            response_ids[b, : response_lengths[b]].tolist(),
         )
         for b in range(batch_size)
     ]
-    width = max(len(row) for row in rows)
-    input_ids = torch.full((batch_size, width), pad_token_id, dtype=torch.long, device=device)  # [B, T]
-    attention_mask = torch.zeros((batch_size, width), dtype=torch.long, device=device)
-    labels = torch.full((batch_size, width), IGNORE_INDEX, dtype=torch.long, device=device)
-    for b, row in enumerate(rows):
-        input_ids[b, : len(row)] = row
-        attention_mask[b, : len(row)] = 1
-        # Shifted: position t predicts token t + 1, for every response token (the EOS included).
-        first_target = prompt_lengths[b]
-        if response_lengths[b] > 0:
-            labels[b, max(first_target - 1, 0) : len(row) - 1] = row[max(first_target, 1) :]
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "labels": labels,
-        "prompt_ids": prompt_ids,
-        "prompt_attention_mask": prompt_attention_mask,
-    }
+    batch = collate(items, pad_token_id)
+    return {key: value.to(prompt_ids.device) for key, value in batch.items()}
