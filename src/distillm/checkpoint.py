@@ -179,7 +179,7 @@ def load_model_weights(model, checkpoint: str | Path) -> None:
         raise RuntimeError(f"checkpoint {checkpoint} has weights the model lacks: {unexpected[:5]}")
     # save_pretrained leaves tied weights out (lm_head tied to the embeddings): they are loaded through
     # their twin. Anything else missing means the checkpoint does not belong to this model.
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))
     loaded = {params[name].data_ptr() for name in weights if name in params}
     untied = [name for name in missing if name not in params or params[name].data_ptr() not in loaded]
     if untied:

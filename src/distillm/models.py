@@ -10,14 +10,30 @@ logger = logging.getLogger(__name__)
 # Small architectures for the bundled demo and the tests: family -> config class name and field names.
 _FAMILY_FIELDS: dict[str, dict[str, str]] = {
     "gpt2": {"layers": "n_layer", "hidden": "n_embd", "heads": "n_head", "positions": "n_positions"},
-    "llama": {"layers": "num_hidden_layers", "hidden": "hidden_size", "heads": "num_attention_heads",
-              "positions": "max_position_embeddings"},
-    "qwen2": {"layers": "num_hidden_layers", "hidden": "hidden_size", "heads": "num_attention_heads",
-              "positions": "max_position_embeddings"},
-    "mistral": {"layers": "num_hidden_layers", "hidden": "hidden_size", "heads": "num_attention_heads",
-                "positions": "max_position_embeddings"},
-    "opt": {"layers": "num_hidden_layers", "hidden": "hidden_size", "heads": "num_attention_heads",
-            "positions": "max_position_embeddings"},
+    "llama": {
+        "layers": "num_hidden_layers",
+        "hidden": "hidden_size",
+        "heads": "num_attention_heads",
+        "positions": "max_position_embeddings",
+    },
+    "qwen2": {
+        "layers": "num_hidden_layers",
+        "hidden": "hidden_size",
+        "heads": "num_attention_heads",
+        "positions": "max_position_embeddings",
+    },
+    "mistral": {
+        "layers": "num_hidden_layers",
+        "hidden": "hidden_size",
+        "heads": "num_attention_heads",
+        "positions": "max_position_embeddings",
+    },
+    "opt": {
+        "layers": "num_hidden_layers",
+        "hidden": "hidden_size",
+        "heads": "num_attention_heads",
+        "positions": "max_position_embeddings",
+    },
 }
 
 
@@ -94,13 +110,13 @@ def _check_exists(path: str, role: str) -> None:
         raise UserError(f"{role} path {path!r} does not exist; pass a model folder or a hub name")
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False):
-    """The tokenizer at ``path``; the pad token falls back to EOS (as GPT-2-style models have none)."""
+def load_tokenizer(path: str, trust_remote_code: bool = False, role: str = "tokenizer"):
+    """The tokenizer at ``path`` (of the ``role`` model); the pad token falls back to EOS (as GPT-2's)."""
     from transformers import AutoTokenizer
 
     from distillm.errors import UserError
 
-    _check_exists(path, "tokenizer")
+    _check_exists(path, role)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
@@ -139,6 +155,46 @@ def load_causal_lm(path: str, dtype: str = "fp32", trust_remote_code: bool = Fal
     except (OSError, ValueError) as error:
         raise UserError(f"cannot load the {role} from {path!r}: {error}") from error
     return model
+
+
+def is_adapter(path: str) -> bool:
+    """Whether ``path`` is a peft adapter folder (adapter_config.json) rather than a full model."""
+    return _is_adapter(path)
+
+
+def load_lora_student(path: str, trust_remote_code: bool = False):
+    """A LoRA student saved as an adapter folder: its base model plus the adapter, with the adapter trainable.
+
+    This continues training an initialised LoRA student (the paper's init -> distill flow) instead of merging
+    the adapter away; the folder's own adapter settings (rank, alpha, targets) apply, not ``model.lora.*``.
+    """
+    from peft import AutoPeftModelForCausalLM
+
+    from distillm.errors import UserError
+
+    _check_exists(path, "student")
+    try:
+        model = AutoPeftModelForCausalLM.from_pretrained(
+            path, is_trainable=True, dtype=torch_dtype("fp32"), trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot load the LoRA student from {path!r}: {error}") from error
+    logger.info("student %s: training its LoRA adapter on top of its base model", path)
+    return model
+
+
+def merge_lora(model):
+    """A plain Hugging Face model: a copy of the peft ``model`` with its adapters merged into the weights."""
+    import copy
+
+    return copy.deepcopy(model).merge_and_unload()
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute activations in backward. Non-reentrant checkpointing lets gradients reach LoRA adapters even
+    though the frozen embeddings' output does not require grad."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
 
 
 def merge_adapter(model, adapter_path: str):

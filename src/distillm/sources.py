@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from distillm.config import Config
 from distillm.generation import sample, samples_to_batch
-from distillm.replay_buffer import ReplayBuffer
+from distillm.replay_buffer import ReplayBuffer, collate_samples
 from distillm.schedule import (
     AdaptiveState,
     choose_source,
@@ -86,7 +86,7 @@ class Sources:
         if kind == "mixed":
             return mixed_source(u, self.config.student_ratio)
         fraction = replay_fraction(self.config.replay_ratio, step, self.total_steps)
-        return choose_source(u, self.adaptive.phi, fraction, self.buffer.is_full, self.config.algorithm)
+        return choose_source(u, self.adaptive.phi, fraction, self.buffer.is_full(), self.config.algorithm)
 
     def _generate(self, dataset_batch: Batch, student: nn.Module) -> Batch:
         model = self.teacher if self.config.generator == "teacher" else student
@@ -100,7 +100,7 @@ class Sources:
 
     def _replay(self, batch_size: int) -> Batch:
         n = min(batch_size, len(self.buffer))
-        return self.buffer.collate(self.buffer.sample(n, self.sampling), self.pad)
+        return collate_samples(self.buffer.sample(n, self.sampling), self.pad)
 
     # ---- evaluation hook and state -------------------------------------------------------------------------
 

@@ -37,9 +37,13 @@ from distillm.errors import UserError
 from distillm.models import (
     apply_lora,
     check_same_tokenizer,
+    enable_gradient_checkpointing,
+    is_adapter,
     load_causal_lm,
+    load_lora_student,
     load_tokenizer,
     merge_adapter,
+    merge_lora,
     shared_vocab_size,
 )
 from distillm.objective import StudentObjective, teacher_forward
@@ -120,17 +124,78 @@ class TrainResult:
 
 def build_accelerator(config: Config):
     """An accelerate ``Accelerator``; on machines without a GPU it must be built with ``cpu=True``, or a
-    multi-process launch silently runs independent single-process jobs (see docs/distributed.md)."""
+    multi-process launch silently runs independent single-process jobs (see docs/distributed.md).
+
+    Under ``accelerate launch`` with a DeepSpeed config, ``cpu=True`` would silently turn DeepSpeed off, so
+    without a GPU DeepSpeed gets the gloo backend instead.
+    """
+    import os
+
     from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
 
     mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[config.train.precision]
     log_with = list(config.train.report_to) or None
+    gpu = torch.cuda.is_available()
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     return Accelerator(
-        cpu=not torch.cuda.is_available(),
+        cpu=not gpu and not deepspeed,
         mixed_precision=mixed,
         log_with=log_with,
         project_dir=config.train.output_dir,
+        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if deepspeed and not gpu else None,
     )
+
+
+def configure_deepspeed(accelerator, config: Config) -> None:
+    """Give DeepSpeed the batch geometry it needs before ``prepare``; refuse what the loop cannot do under it.
+
+    The loop hands DeepSpeed no DataLoader, so the micro-batch size is set here; clipping moves into the
+    engine. Accumulation is refused because accelerate steps the engine at every backward outside
+    ``accelerator.accumulate``, and ZeRO-3 partitions the student's lm_head, which the chunked loss reads
+    outside the head's own forward.
+    """
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return
+    if config.train.grad_accum > 1:
+        raise UserError(
+            f"train.grad_accum={config.train.grad_accum} is not supported under DeepSpeed; raise "
+            "train.batch_size or the number of processes instead (docs/distributed.md)"
+        )
+    if plugin.zero_stage == 3 and config.objective.chunk_size > 0:
+        raise UserError(
+            f"objective.chunk_size={config.objective.chunk_size} needs the student's whole lm_head, which "
+            "ZeRO-3 partitions; set objective.chunk_size=0 or use ZeRO-2 (docs/distributed.md)"
+        )
+    if config.train.resume and latest_checkpoint(config.train.output_dir) is not None:
+        raise UserError(
+            f"{config.train.output_dir} holds a checkpoint, and resuming under DeepSpeed is not supported "
+            "(its optimizer state is partitioned); start a new train.output_dir or resume without DeepSpeed"
+        )
+    ds = plugin.deepspeed_config
+    ds["train_micro_batch_size_per_gpu"] = config.train.batch_size
+    ds["gradient_accumulation_steps"] = 1
+    ds["train_batch_size"] = config.train.batch_size * accelerator.num_processes
+    ds["gradient_clipping"] = config.train.clip_grad  # 0 turns it off, as train.clip_grad=0 does
+
+
+def _sharded(accelerator) -> bool:
+    """Whether the student's parameters are split over processes (ZeRO-3, FSDP): saving must gather them."""
+    from accelerate.utils import DistributedType
+
+    plugin = accelerator.state.deepspeed_plugin
+    return accelerator.distributed_type == DistributedType.FSDP or (
+        plugin is not None and plugin.zero_stage == 3
+    )
+
+
+def _student_state_dict(accelerator, objective) -> dict[str, torch.Tensor] | None:
+    """The student's full weights gathered from every process when sharded (call on all ranks), else None."""
+    if not _sharded(accelerator):
+        return None
+    state = accelerator.get_state_dict(objective)
+    return {k.removeprefix("student."): v for k, v in state.items()} if state is not None else None
 
 
 def seed_everything(seed: int) -> None:
@@ -142,18 +207,20 @@ def seed_everything(seed: int) -> None:
 def load_models(config: Config, device: torch.device):
     """Tokenizer, student (LoRA-wrapped if asked), frozen teacher or None, and the shared vocabulary size."""
     m = config.model
-    tokenizer = load_tokenizer(m.tokenizer or m.student, m.trust_remote_code)
-    student = load_causal_lm(m.student, "fp32", m.trust_remote_code, role="student")
+    tokenizer = load_tokenizer(m.tokenizer or m.student, m.trust_remote_code, role="student")
+    if m.lora.enabled and is_adapter(m.student):
+        student = load_lora_student(m.student, m.trust_remote_code)  # keep training the saved adapter
+    else:
+        student = load_causal_lm(m.student, "fp32", m.trust_remote_code, role="student")
+        if m.lora.enabled:
+            student = apply_lora(student, m.lora)
     if m.gradient_checkpointing:
-        student.gradient_checkpointing_enable()
-        student.config.use_cache = False
-    if m.lora.enabled:
-        student = apply_lora(student, m.lora)
+        enable_gradient_checkpointing(student)
     teacher = None
     vocab_size = student.get_output_embeddings().weight.shape[0]
     needs_teacher = config.objective.kd_ratio > 0 or config.sources.generator == "teacher"
     if needs_teacher:
-        teacher_tokenizer = load_tokenizer(m.teacher, m.trust_remote_code)
+        teacher_tokenizer = load_tokenizer(m.teacher, m.trust_remote_code, role="teacher")
         check_same_tokenizer(tokenizer, teacher_tokenizer, m.tokenizer or m.student, m.teacher)
         teacher = load_causal_lm(m.teacher, m.teacher_dtype, m.trust_remote_code, role="teacher")
         if m.teacher_adapter:
@@ -259,7 +326,9 @@ def dev_rouge(model, tokenizer, examples, config: Config, accelerator, seed: int
         max_prompt_length=config.data.max_prompt_length,
         progress=False,
     )
-    gathered = accelerator.gather_object([predictions])  # one list per process, in rank order
+    from accelerate.utils import gather_object
+
+    gathered = gather_object([predictions]) if accelerator.num_processes > 1 else [predictions]  # rank order
     ordered: list[str] = [None] * len(rows)  # type: ignore[list-item]
     for rank, part in enumerate(gathered):
         ordered[rank :: accelerator.num_processes] = part
@@ -301,6 +370,9 @@ class MetricsLog:
 def train(config: Config) -> TrainResult:
     """Run (or resume) the training described by ``config``; returns where things were written."""
     config.validate()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-file load/save bars would bury the training bar
     accelerator = build_accelerator(config)
     out = Path(config.train.output_dir)
     cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else out.parent / ".cache"
@@ -312,7 +384,7 @@ def train(config: Config) -> TrainResult:
 
     tokenizer, student, teacher, vocab_size = load_models(config, accelerator.device)
     data = load_data(config, tokenizer, cache_dir)
-    from distillm.data import collate, collate_chunks
+    from distillm.data import collate
 
     order = BatchOrder(
         len(data.train),
@@ -347,6 +419,7 @@ def train(config: Config) -> TrainResult:
         state = _state_from_dict(saved["train"])
         logger.info("resumed from %s (step %d)", checkpoint, state.step)
 
+    configure_deepspeed(accelerator, config)
     objective, optimizer = accelerator.prepare(objective, optimizer)
     if checkpoint is not None:
         restore_rng_state(load_trainer_state(checkpoint)["rng"])
@@ -358,6 +431,7 @@ def train(config: Config) -> TrainResult:
 
     seconds = {"generation": 0.0, "teacher": 0.0, "student": 0.0, "evaluation": 0.0}
     counts: dict[str, int] = {}
+    all_sources: list[str] = []  # this process's source of every micro-batch, to check that ranks agree
     last_dev_loss = None
     pad = tokenizer.pad_token_id
 
@@ -370,6 +444,12 @@ def train(config: Config) -> TrainResult:
         disable=not (config.train.progress and accelerator.is_main_process),
         dynamic_ncols=True,
     )
+    if checkpoint is None and data.dev is not None:
+        # The reference point: the adaptive schedule compares later dev losses with this one, and the
+        # curves in metrics.jsonl start from the untrained student.
+        evaluation = _evaluate(config, accelerator, objective, tokenizer, data, vocab_size, 0)
+        sources.on_evaluation(evaluation["dev_loss"])
+        metrics.write({"step": 0, **evaluation, **sources.describe()})
     step_start = time.perf_counter()
     while state.step < total_steps:
         # 1. This step's micro-batches: dataset rows, then the sources decide what is trained on.
@@ -385,6 +465,7 @@ def train(config: Config) -> TrainResult:
             seconds["generation"] += time.perf_counter() - t0 if source != "dataset" else 0.0
             micro_batches.append({k: v.to(accelerator.device) for k, v in batch.items()})
             step_sources.append(source)
+            all_sources.append(source)
             counts[source] = counts.get(source, 0) + 1
         pretrain_batches = [None] * len(micro_batches)
         pretrain_tokens = None
@@ -476,10 +557,17 @@ def train(config: Config) -> TrainResult:
             _save(config, accelerator, objective, tokenizer, optimizer, scheduler, sources, state, out)
     bar.close()
 
+    weights = _student_state_dict(accelerator, objective)
+    sources_by_rank = _gather_sources(accelerator, all_sources)
     if accelerator.is_main_process:
         model = _unwrap(accelerator, objective).student
-        save_model(out / "last", model, tokenizer, extra={"step": state.step, "dev_loss": last_dev_loss})
+        extra = {"step": state.step, "dev_loss": last_dev_loss}
+        save_model(out / "last", model, tokenizer, state_dict=weights, extra=extra)
+        if config.model.lora.enabled and config.model.lora.merge_on_save:
+            save_model(out / "merged", merge_lora(model), tokenizer, extra=extra)
         summary = {
+            "world_size": accelerator.num_processes,
+            "sources_by_rank": sources_by_rank,
             "steps": state.step,
             "seconds": seconds,
             "source_counts": counts,
@@ -508,7 +596,7 @@ def _unwrap(accelerator, objective) -> StudentObjective:
 
 
 def _evaluate(config, accelerator, objective, tokenizer, data, vocab_size, step) -> dict[str, float]:
-    from distillm.data import collate, collate_chunks
+    from distillm.data import collate
 
     student = _unwrap(accelerator, objective).student
     result: dict[str, float] = {}
@@ -543,13 +631,26 @@ def _keep_best(config, accelerator, objective, tokenizer, state: TrainState, eva
     if not better:
         return
     state.best_metric, state.best_step = value, state.step
+    weights = _student_state_dict(accelerator, objective)
     if accelerator.is_main_process:
         model = _unwrap(accelerator, objective).student
-        save_model(out / "best", model, tokenizer, extra={"step": state.step, **evaluation})
+        save_model(
+            out / "best", model, tokenizer, state_dict=weights, extra={"step": state.step, **evaluation}
+        )
+
+
+def _gather_sources(accelerator, sources: list[str]) -> list[str]:
+    """Every process's micro-batch sources, comma-joined, in rank order (they must all be equal)."""
+    if accelerator.num_processes == 1:
+        return [",".join(sources)]
+    from accelerate.utils import gather_object
+
+    return gather_object([",".join(sources)])
 
 
 def _save(config, accelerator, objective, tokenizer, optimizer, scheduler, sources, state, out) -> None:
     accelerator.wait_for_everyone()
+    weights = _student_state_dict(accelerator, objective)
     if accelerator.is_main_process:
         trainer_state = {
             "optimizer": optimizer.state_dict(),
@@ -558,7 +659,15 @@ def _save(config, accelerator, objective, tokenizer, optimizer, scheduler, sourc
             "train": _state_to_dict(state),
         }
         model = _unwrap(accelerator, objective).student
-        save_checkpoint(out, state.step, model, tokenizer, trainer_state, keep=config.train.keep_checkpoints)
+        save_checkpoint(
+            out,
+            state.step,
+            model,
+            tokenizer,
+            trainer_state,
+            keep=config.train.keep_checkpoints,
+            state_dict=weights,
+        )
     accelerator.wait_for_everyone()
 
 
