@@ -204,31 +204,43 @@ def _final_weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "model.safetensors"))
 
 
+RESUMABLE = {
+    "kd": ["objective.divergence=skew_forward_kl", "objective.kd_ratio=0.7"],
+    # phi > 0 from the start and a small buffer: the checkpoint holds a non-empty buffer, and later steps
+    # draw fresh samples and replays from it.
+    "distillm": [
+        "objective.divergence=skew_reverse_kl",
+        "objective.kd_ratio=1.0",
+        "sources.kind=adaptive",
+        "sources.init_threshold=0.6",
+        "sources.capacity=6",
+        "generation.max_new_tokens=6",
+    ],
+}
+
+
+@pytest.mark.parametrize("method", sorted(RESUMABLE))
 def test_a_run_killed_mid_way_resumes_to_the_same_weights(
-    task_data, tiny_student_dir, tiny_teacher_dir, tmp_path
+    method, task_data, tiny_student_dir, tiny_teacher_dir, tmp_path
 ):
     """SIGKILL a real training process after its first checkpoint, restart it: same final weights, bit for bit.
 
-    The student has dropout on, so this also checks that every RNG state is restored."""
-    steps = 40
+    The student has dropout on, so this also checks that every RNG state is restored; with DistiLLM's
+    sources, that the replay buffer, phi and the coin are."""
+    from distillm.checkpoint import list_checkpoints, load_trainer_state
+
+    steps = 30
     base = {
         "train.max_steps": steps,
         "train.save_every": 5,
         "train.eval_every": 10,
-        "train.keep_checkpoints": 2,
+        "train.keep_checkpoints": 10,
     }
 
-    def command(out):
+    def command(out, resume=False):
         overrides = tiny_overrides(task_data, tiny_student_dir, tiny_teacher_dir, out, **base)
-        return [
-            sys.executable,
-            "-m",
-            "distillm",
-            "train",
-            *overrides,
-            "objective.divergence=skew_forward_kl",
-            "objective.kd_ratio=0.7",
-        ]
+        flags = ["--resume"] if resume else []
+        return [sys.executable, "-m", "distillm", "train", *flags, *overrides, *RESUMABLE[method]]
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     reference = tmp_path / "reference"
@@ -236,20 +248,19 @@ def test_a_run_killed_mid_way_resumes_to_the_same_weights(
 
     killed = tmp_path / "killed"
     process = subprocess.Popen(command(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     while time.time() < deadline and not list((killed / "checkpoints").glob("step-*")):
         time.sleep(0.002)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (killed / "last").exists(), "the run finished before it could be killed"
-    assert list((killed / "checkpoints").glob("step-*")), "no checkpoint was written before the kill"
+    saved = list_checkpoints(killed)
+    assert saved, "no checkpoint was written before the kill"
+    if method == "distillm":
+        state = load_trainer_state(saved[-1])["sources"]
+        assert state["phi"] > 0 and len(state["buffer"]["samples"]) > 0
 
-    resumed = subprocess.run(
-        [*command(killed)[:3], "train", "--resume", *command(killed)[4:]],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    resumed = subprocess.run(command(killed, resume=True), env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     expected, got = _final_weights(reference / "last"), _final_weights(killed / "last")
     assert expected.keys() == got.keys()
@@ -259,6 +270,10 @@ def test_a_run_killed_mid_way_resumes_to_the_same_weights(
     resumed_rows = [r for r in read_metrics(killed) if "loss" in r]
     assert [r["step"] for r in resumed_rows] == list(range(1, steps + 1))
     assert [r["loss"] for r in resumed_rows] == [r["loss"] for r in reference_rows]
+    assert [r["sources"] for r in resumed_rows] == [r["sources"] for r in reference_rows]
+    if method == "distillm":
+        used = {source for r in reference_rows for source in r["sources"].split(",")}
+        assert {"fresh", "replay"} <= used
 
 
 def test_resume_without_a_checkpoint_is_refused(task_data, tiny_student_dir, tmp_path, capsys):

@@ -61,4 +61,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 _register("train", "distillm.train", "Train a teacher or a student (SFT, KD, SeqKD, ImitKD, GKD, DistiLLM).")
 _register("prepare", "distillm.data.prepare", "Tokenize a dataset, or write the bundled task suite.")
-_register("evaluate", "distillm.evaluate", "Sample responses on test sets over several seeds and score them (ROUGE-L).")
+_register("generate", "distillm.seqkd", "Sample responses to a dataset's prompts (SeqKD data).")
+_register(
+    "evaluate",
+    "distillm.evaluate",
+    "Sample responses on test sets over several seeds and score them (ROUGE-L).",
+)
+_register(
+    "demo",
+    "distillm.demo",
+    "Run the whole study offline (data, teacher, every method, evaluation) and write a report.",
+)

@@ -105,6 +105,9 @@ class TrainState:
     best_metric: float | None = None
     best_step: int | None = None
     tokens_seen: int = 0
+    seconds: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(("generation", "teacher", "student", "evaluation"), 0.0)
+    )
 
 
 @dataclass
@@ -429,8 +432,7 @@ def train(config: Config) -> TrainResult:
     if checkpoint is None and accelerator.is_main_process and (out / "metrics.jsonl").exists():
         (out / "metrics.jsonl").unlink()
 
-    seconds = {"generation": 0.0, "teacher": 0.0, "student": 0.0, "evaluation": 0.0}
-    counts: dict[str, int] = {}
+    seconds = state.seconds  # carried in checkpoints, so a resumed run reports the whole run's time
     all_sources: list[str] = []  # this process's source of every micro-batch, to check that ranks agree
     last_dev_loss = None
     pad = tokenizer.pad_token_id
@@ -454,6 +456,7 @@ def train(config: Config) -> TrainResult:
     while state.step < total_steps:
         # 1. This step's micro-batches: dataset rows, then the sources decide what is trained on.
         micro_batches, step_sources = [], []
+        step_seconds = dict.fromkeys(("generation", "teacher", "student"), 0.0)
         for _ in range(config.train.grad_accum):
             epoch, index = state.data.advance(order)
             rows = [data.train[i] for i in order.indices(epoch, index)]
@@ -462,11 +465,10 @@ def train(config: Config) -> TrainResult:
             batch, source = sources.next_batch(
                 dataset_batch, state.step, _unwrap(accelerator, objective).student
             )
-            seconds["generation"] += time.perf_counter() - t0 if source != "dataset" else 0.0
+            step_seconds["generation"] += time.perf_counter() - t0 if source != "dataset" else 0.0
             micro_batches.append({k: v.to(accelerator.device) for k, v in batch.items()})
             step_sources.append(source)
             all_sources.append(source)
-            counts[source] = counts.get(source, 0) + 1
         pretrain_batches = [None] * len(micro_batches)
         pretrain_tokens = None
         if pretrain_order is not None and config.objective.lm_coef > 0:
@@ -493,12 +495,12 @@ def train(config: Config) -> TrainResult:
                 else None
             )
             t1 = time.perf_counter()
-            seconds["teacher"] += t1 - t0
+            step_seconds["teacher"] += t1 - t0
             sync = k == len(micro_batches) - 1
             with accelerator.no_sync(objective) if not sync else _nullcontext():
                 loss = objective(batch, num_tokens, teacher_out, pretrain_batch, pretrain_tokens)
                 accelerator.backward(loss.total * world)
-            seconds["student"] += time.perf_counter() - t1
+            step_seconds["student"] += time.perf_counter() - t1
             logged += torch.stack([loss.total.detach(), loss.ce, loss.divergence, loss.lm]).float()
 
         # 3. Check, clip, step.
@@ -517,7 +519,9 @@ def train(config: Config) -> TrainResult:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        seconds["student"] += time.perf_counter() - t0
+        step_seconds["student"] += time.perf_counter() - t0
+        for key, value in step_seconds.items():
+            seconds[key] += value
         state.step += 1
         state.tokens_seen += int(num_tokens)
 
@@ -534,6 +538,7 @@ def train(config: Config) -> TrainResult:
             "tokens": int(num_tokens),
             "tokens_per_s": int(num_tokens) / max(elapsed, 1e-9),
             "sources": ",".join(step_sources),
+            **{f"{key}_s": value for key, value in step_seconds.items()},
         }
         if grad_norm is not None:
             row["grad_norm"] = float(grad_norm)
@@ -570,12 +575,13 @@ def train(config: Config) -> TrainResult:
             "sources_by_rank": sources_by_rank,
             "steps": state.step,
             "seconds": seconds,
-            "source_counts": counts,
+            "source_counts": {k: v for k, v in sources.counts.items() if v},
             "tokens": state.tokens_seen,
         }
         (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    counts = {k: v for k, v in sources.counts.items() if v}
     return TrainResult(out, state.step, state.best_metric, state.best_step, last_dev_loss, seconds, counts)
 
 
@@ -679,6 +685,7 @@ def _state_to_dict(state: TrainState) -> dict[str, Any]:
         "best_metric": state.best_metric,
         "best_step": state.best_step,
         "tokens_seen": state.tokens_seen,
+        "seconds": dict(state.seconds),
     }
 
 
@@ -690,6 +697,7 @@ def _state_from_dict(saved: dict[str, Any]) -> TrainState:
         best_metric=saved["best_metric"],
         best_step=saved["best_step"],
         tokens_seen=saved["tokens_seen"],
+        seconds=dict(saved["seconds"]),
     )
 
 
