@@ -46,7 +46,9 @@ def _chunk_token_losses(
 
 
 class _ChunkedObjective(torch.autograd.Function):
-    """Sums over the given rows of ``ce_weight * CE + kd_weight * D``, with the gradient computed chunk by chunk.
+    """``sum(ce_weight * CE + kd_weight * D) / denominator`` over the given rows, and the two sums / denominator.
+
+    The gradient is computed chunk by chunk.
 
     Why the gradient is computed in the forward pass (as Liger-Kernel does) rather than by recomputing
     each chunk in backward: the objective is a scalar, so its gradient w.r.t. the hidden states and the
@@ -70,6 +72,7 @@ class _ChunkedObjective(torch.autograd.Function):
         ce_weight: float,
         kd_weight: float,
         chunk_size: int,
+        denominator: Tensor,  # 0-dim float32, >= 1
     ) -> tuple[Tensor, Tensor, Tensor]:
         want_grad = any(ctx.needs_input_grad[:3])
         device = student_hidden.device
@@ -105,12 +108,16 @@ class _ChunkedObjective(torch.autograd.Function):
             if grad_bias is not None:
                 grad_bias += grad_logits.float().sum(0)  # [V]
 
-        ctx.mark_non_differentiable(ce_sum, div_sum)
         if want_grad:
+            # Normalising in here (in place) makes the upstream gradient 1 in the usual `loss.backward()`.
+            grad_hidden.div_(denominator.to(grad_hidden.dtype))
+            grad_weight.div_(denominator)
+            if grad_bias is not None:
+                grad_bias = grad_bias.div_(denominator).to(bias.dtype)
             ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype), grad_bias)
-            ctx.bias_dtype = None if bias is None else bias.dtype
-        objective_sum = ce_weight * ce_sum + kd_weight * div_sum
-        return objective_sum, ce_sum, div_sum
+        ce_mean, div_mean = ce_sum / denominator, div_sum / denominator
+        ctx.mark_non_differentiable(ce_mean, div_mean)
+        return ce_weight * ce_mean + kd_weight * div_mean, ce_mean, div_mean
 
     @staticmethod
     def backward(ctx, grad_objective: Tensor, _grad_ce: Tensor, _grad_div: Tensor):
@@ -120,10 +127,8 @@ class _ChunkedObjective(torch.autograd.Function):
         if not torch.equal(grad_objective, torch.ones_like(grad_objective)):
             grad_hidden = grad_hidden * grad_objective.to(grad_hidden.dtype)
             grad_weight = grad_weight * grad_objective.to(grad_weight.dtype)
-            grad_bias = None if grad_bias is None else grad_bias * grad_objective
-        if grad_bias is not None:
-            grad_bias = grad_bias.to(ctx.bias_dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None
+            grad_bias = None if grad_bias is None else grad_bias * grad_objective.to(grad_bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None, None
 
 
 def chunked_distillation_loss(
@@ -177,7 +182,10 @@ def chunked_distillation_loss(
     rows = (flat_labels != IGNORE_INDEX).nonzero().squeeze(-1)  # [S]
     if divergence is None:
         teacher_rows = None  # the teacher's logits are not needed for the CE alone
-    objective_sum, ce_sum, div_sum = _ChunkedObjective.apply(
+    if num_tokens is None:
+        num_tokens = rows.numel()
+    denominator = torch.as_tensor(num_tokens, dtype=torch.float32, device=hidden.device).clamp_min(1)
+    total, ce, div = _ChunkedObjective.apply(
         hidden,
         lm_head_weight,
         lm_head_bias,
@@ -188,13 +196,9 @@ def chunked_distillation_loss(
         1.0 - kd_ratio,
         kd_ratio,
         chunk_size,
+        denominator,
     )
-    if num_tokens is None:
-        num_tokens = rows.numel()
-    denominator = torch.as_tensor(num_tokens, dtype=torch.float32, device=hidden.device).clamp_min(1)
-    return LossParts(
-        total=objective_sum / denominator, ce=ce_sum / denominator, divergence=div_sum / denominator
-    )
+    return LossParts(total=total, ce=ce, divergence=div)
 
 
 def _teacher_rows(
