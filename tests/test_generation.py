@@ -24,11 +24,22 @@ def gpt2(tiny_student_dir):
 
 
 @pytest.fixture(scope="module")
-def llama(tiny_model_factory):
+def llama_dir(tiny_model_factory):
+    return tiny_model_factory("llama", seed=3, layers=2, hidden=32, heads=4, num_key_value_heads=2)
+
+
+@pytest.fixture(scope="module")
+def llama(llama_dir):
     from transformers import AutoModelForCausalLM
 
-    folder = tiny_model_factory("llama", seed=3, layers=2, hidden=32, heads=4, num_key_value_heads=2)
-    return AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+    return AutoModelForCausalLM.from_pretrained(str(llama_dir)).eval()
+
+
+@pytest.fixture(scope="module")
+def llama_eager(llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(llama_dir), attn_implementation="eager").eval()
 
 
 def left_padded_prompts(
@@ -98,7 +109,7 @@ def test_rows_without_eos_run_to_max_new_tokens():
     assert torch.equal(out, torch.tensor([[5, 6, 7, 8], [1, 3, PAD, PAD]]))
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "llama_eager"])
 def test_greedy_decoding_equals_hf_generate_with_left_padded_prompts(family, request):
     model = request.getfixturevalue(family)
     prompts, mask = left_padded_prompts([3, 11, 6, 1], seed=1)
@@ -311,3 +322,27 @@ def test_samples_to_batch_labels_cover_the_response_and_the_eos_prediction(pad):
     assert torch.equal(batch["labels"], expected_labels)
     assert torch.equal(batch["prompt_ids"], expected_prompts)
     assert torch.equal(batch["prompt_attention_mask"], expected_prompt_mask)
+
+
+def test_sampling_is_exact_across_vocabulary_blocks_and_never_picks_impossible_tokens():
+    # Mass on tokens at both edges of the sampler's 256-token blocks, the last token, and nowhere else.
+    support = torch.tensor([0, 3, 255, 256, 511, 600, 699])
+    logits = torch.full((700,), float("-inf"))
+    logits[support] = torch.tensor([0.5, -1.0, 1.0, 0.0, 0.7, -0.3, 0.2])
+    rows = 20_000
+
+    class Fixed(nn.Module):
+        def forward(
+            self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=True
+        ):
+            return SimpleNamespace(logits=logits.expand(input_ids.shape[0], input_ids.shape[1], -1).clone())
+
+    prompts = torch.ones((rows, 1), dtype=torch.long)
+    config = GenerationConfig(max_new_tokens=1)
+    out = sample(
+        Fixed(), prompts, torch.ones_like(prompts), config, 999, PAD, torch.Generator().manual_seed(1)
+    )
+    counts = torch.bincount(out[:, 0], minlength=700)
+    assert counts[support].sum() == rows  # no draw outside the support
+    frequencies, expected = counts.double() / rows, logits.double().softmax(-1)
+    torch.testing.assert_close(frequencies, expected, atol=0.015, rtol=0)

@@ -1,0 +1,138 @@
+"""Tokens per second of `distillm.generation.sample` against Hugging Face `model.generate`.
+
+Both sample with temperature 1, top-k off, top-p 1 from the same left-padded prompts, and both are forced to
+produce exactly `max_new_tokens` tokens per row (the EOS id is one past the vocabulary, so it can never be
+sampled while both loops still check for it). Runs of the two alternate, so background load hits both alike;
+the table shows the median of `--repeats` runs and the ratio of the medians.
+
+    python benchmarks/generation.py                      # tiny GPT-2 student and SmolLM2-shaped 4-layer Llama
+    python benchmarks/generation.py --models tiny --new-tokens 64 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from distillm.config import GenerationConfig
+from distillm.generation import sample
+from distillm.models import build_small_model
+
+# name -> (family, vocab, build_small_model keyword arguments)
+MODELS = {
+    # The bundled demo student: GPT-2 shape, 2 layers, hidden 128, vocab 8192 (1.5M parameters).
+    "tiny": ("gpt2", 8192, dict(layers=2, hidden=128, heads=4)),
+    # SmolLM2-135M's shape cut to 4 layers (the layer-subset student of a SmolLM2 teacher), random weights.
+    "smollm4": (
+        "llama",
+        49152,
+        dict(
+            layers=4,
+            hidden=576,
+            heads=9,
+            num_key_value_heads=3,
+            intermediate_size=1536,
+            tie_word_embeddings=True,
+        ),
+    ),
+}
+
+
+def left_padded_prompts(
+    batch: int, length: int, vocab: int, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random prompts of lengths between length/2 and length, left-padded with 0: ([B, P], [B, P])."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(length // 2, length + 1, (batch,), generator=generator).tolist()
+    lengths[0] = length
+    ids = torch.zeros((batch, length), dtype=torch.long)
+    mask = torch.zeros((batch, length), dtype=torch.long)
+    for row, n in enumerate(lengths):
+        ids[row, length - n :] = torch.randint(1, vocab, (n,), generator=generator)
+        mask[row, length - n :] = 1
+    return ids, mask
+
+
+def time_ours(model, ids, mask, new_tokens: int, vocab: int, seed: int) -> float:
+    config = GenerationConfig(max_new_tokens=new_tokens, temperature=1.0, top_k=0, top_p=1.0, do_sample=True)
+    start = time.perf_counter()
+    out = sample(
+        model,
+        ids,
+        mask,
+        config,
+        eos_token_id=vocab,
+        pad_token_id=0,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    elapsed = time.perf_counter() - start
+    assert out.shape == (ids.shape[0], new_tokens), out.shape
+    return elapsed
+
+
+def time_generate(model, ids, mask, new_tokens: int, vocab: int, seed: int) -> float:
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        do_sample=True,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=new_tokens,
+        eos_token_id=vocab,
+        pad_token_id=0,
+    )
+    elapsed = time.perf_counter() - start
+    assert out.shape == (ids.shape[0], ids.shape[1] + new_tokens), out.shape
+    return elapsed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["tiny", "smollm4"])
+    parser.add_argument("--new-tokens", nargs="+", type=int, default=[64, 256])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--prompt-length", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs of each; the median is reported")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 keeps torch's default")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    print(
+        f"device {args.device}, torch threads {torch.get_num_threads()}, batch {args.batch}, "
+        f"prompt length {args.prompt_length} (left-padded, mixed lengths), median of {args.repeats} runs"
+    )
+    print()
+    print("| model | new tokens | ours tokens/s | generate tokens/s | ratio |")
+    print("|---|---:|---:|---:|---:|")
+    for name in args.models:
+        family, vocab, sizes = MODELS[name]
+        model = build_small_model(family, vocab, **sizes).to(args.device).eval()
+        ids, mask = (t.to(args.device) for t in left_padded_prompts(args.batch, args.prompt_length, vocab))
+        for new_tokens in args.new_tokens:
+            time_ours(model, ids, mask, 8, vocab, 0)  # warm-up (allocator, first-call dispatch)
+            time_generate(model, ids, mask, 8, vocab, 0)
+            ours, theirs = [], []
+            for repeat in range(args.repeats):
+                ours.append(time_ours(model, ids, mask, new_tokens, vocab, repeat))
+                theirs.append(time_generate(model, ids, mask, new_tokens, vocab, repeat))
+            tokens = args.batch * new_tokens
+            ours_rate, theirs_rate = tokens / statistics.median(ours), tokens / statistics.median(theirs)
+            print(
+                f"| {name} | {new_tokens} | {ours_rate:,.0f} | {theirs_rate:,.0f} | {ours_rate / theirs_rate:.2f}x |",
+                flush=True,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
