@@ -148,6 +148,7 @@ def load_causal_lm(path: str, dtype: str = "fp32", trust_remote_code: bool = Fal
             model = AutoPeftModelForCausalLM.from_pretrained(
                 path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code
             ).merge_and_unload()
+            model.requires_grad_(True)  # peft froze the base; merged, it is a plain (trainable) model again
         else:
             model = AutoModelForCausalLM.from_pretrained(
                 path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code
