@@ -10,12 +10,18 @@ TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The extras of the last install: rewritten only when EXTRAS changes, so that a change reinstalls.
+EXTRAS_STAMP := $(VENV)/.extras
 
-.PHONY: install test test-all lint format clean
+.PHONY: install test test-all lint format clean FORCE
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(EXTRAS_STAMP): FORCE
+	@mkdir -p $(VENV)
+	@echo '$(EXTRAS)' | cmp -s - $@ || echo '$(EXTRAS)' > $@
+
+$(STAMP): pyproject.toml Makefile $(EXTRAS_STAMP)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"

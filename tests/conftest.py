@@ -88,3 +88,15 @@ def tiny_model_factory(tmp_path_factory, tiny_tokenizer_dir):
         return _save_model(tmp_path_factory.mktemp(family), family, tiny_tokenizer_dir, seed=seed, **kwargs)
 
     return make
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need CUDA: they are skipped, never failed, on machines without one."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

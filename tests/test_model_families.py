@@ -112,3 +112,33 @@ def test_the_chunked_loss_path_gives_the_dense_first_step_loss(
         train(config)
         losses[chunk] = first_loss(out)
     assert losses[16] == pytest.approx(losses[0], rel=1e-5)
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_in_bf16_the_chunked_and_dense_losses_and_gradients_agree(tiny_tokenizer):
+    from distillm.config import ObjectiveConfig
+    from distillm.models import build_small_model
+    from distillm.objective import StudentObjective, teacher_forward
+
+    device, vocab = torch.device("cuda"), len(tiny_tokenizer)
+    teacher = build_small_model(
+        "llama", vocab, seed=2, layers=2, hidden=128, heads=4, tie_word_embeddings=False
+    )
+    teacher = teacher.to(device, torch.bfloat16).eval()
+    ids = torch.randint(0, vocab, (4, 64), generator=torch.Generator().manual_seed(0)).to(device)  # [B, T]
+    labels = torch.roll(ids, -1, dims=1)
+    labels[:, :32] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    num_tokens = (labels != -100).sum()
+    results = {}
+    for chunk in (0, 16):
+        student = build_small_model(
+            "llama", vocab, seed=1, layers=2, hidden=64, heads=4, tie_word_embeddings=False
+        )
+        config = ObjectiveConfig(divergence="skew_reverse_kl", kd_ratio=0.5, chunk_size=chunk)
+        objective = StudentObjective(student.to(device, torch.bfloat16), config, vocab)
+        loss = objective(batch, num_tokens, teacher_forward(teacher, batch, vocab, chunked=chunk > 0))
+        loss.total.backward()
+        results[chunk] = (loss.total.float().item(), student.lm_head.weight.grad.float())
+    assert results[16][0] == pytest.approx(results[0][0], rel=2e-2)  # bf16: about 3 significant digits
+    torch.testing.assert_close(results[16][1], results[0][1], rtol=5e-2, atol=1e-3)
