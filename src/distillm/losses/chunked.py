@@ -11,7 +11,7 @@ Unlike Liger-Kernel's fused distillation losses (generalized JSD only), any dive
 ``distillm.losses.divergences`` works here, the skew divergences included: the per-chunk math is the dense
 function itself, differentiated by autograd on one chunk.
 
-Layout: ``_chunk_token_losses`` is the math of one chunk; ``_ChunkedObjective`` is the memory strategy;
+Layout: ``_chunk_objective`` is the math of one chunk; ``_ChunkedObjective`` is the memory strategy;
 ``chunked_distillation_loss`` checks the inputs and normalises.
 """
 
@@ -32,17 +32,25 @@ Divergence = Callable[[Tensor, Tensor], Tensor]
 TeacherRows = Callable[[Tensor], Tensor]  # token indices [c] -> teacher logits [c, V]
 
 
-def _chunk_token_losses(
-    student_logits: Tensor, teacher_logits: Tensor | None, labels: Tensor, divergence: Divergence | None
-) -> tuple[Tensor, Tensor]:
-    """Per-token CE and divergence of one chunk. [c, V], [c, V] | None, [c] -> ([c], [c]) float32.
+def _chunk_objective(
+    student_logits: Tensor,
+    teacher_logits: Tensor | None,
+    labels: Tensor,
+    divergence: Divergence | None,
+    ce_weight: float,
+    kd_weight: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One chunk's ``ce_weight * sum CE + kd_weight * sum D``, and its per-token CE and D.
 
-    The divergence is 0 when there is none. This is the same math as the dense path, nothing fused.
+    [c, V], [c, V] | None, [c] -> (scalar, [c], [c]), float32. The same math as the dense path, nothing
+    fused; D is 0 without a divergence. A term of weight 0 (the CE when kd_ratio = 1) is computed outside
+    the autograd graph: it is only logged.
     """
-    ce = token_cross_entropy(student_logits, labels)  # [c]
+    ce = token_cross_entropy(student_logits if ce_weight else student_logits.detach(), labels)  # [c]
     if divergence is None:
-        return ce, torch.zeros_like(ce)
-    return ce, divergence(student_logits, teacher_logits)  # [c]
+        return ce_weight * ce.sum(), ce, torch.zeros_like(ce)
+    div = divergence(student_logits if kd_weight else student_logits.detach(), teacher_logits)  # [c]
+    return ce_weight * ce.sum() + kd_weight * div.sum(), ce, div
 
 
 class _ChunkedObjective(torch.autograd.Function):
@@ -92,8 +100,9 @@ class _ChunkedObjective(torch.autograd.Function):
             chunk_labels = labels.index_select(0, chunk_rows)  # [c]
             with torch.enable_grad():
                 logits.requires_grad_(want_grad)
-                ce, div = _chunk_token_losses(logits, teacher, chunk_labels, divergence)  # [c], [c]
-                objective = ce_weight * ce.sum() + kd_weight * div.sum()
+                objective, ce, div = _chunk_objective(
+                    logits, teacher, chunk_labels, divergence, ce_weight, kd_weight
+                )  # scalar, [c], [c]
             ce_sum += ce.detach().sum()
             div_sum += div.detach().sum()
             if not want_grad:
