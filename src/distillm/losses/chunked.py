@@ -87,8 +87,9 @@ class _ChunkedObjective(torch.autograd.Function):
         ce_sum = torch.zeros((), dtype=torch.float32, device=device)
         div_sum = torch.zeros((), dtype=torch.float32, device=device)
         if want_grad:
-            grad_hidden = torch.zeros_like(student_hidden)  # [N, H]
-            # fp32 accumulators: summing many bf16 chunk contributions in bf16 would lose precision.
+            # fp32 accumulators: summing many bf16 chunk contributions in bf16 would lose precision, and
+            # dividing by the token count in bf16 would round the count (2047 -> 2048).
+            grad_hidden = torch.zeros_like(student_hidden, dtype=torch.float32)  # [N, H]
             grad_weight = torch.zeros_like(weight, dtype=torch.float32)  # [V, H]
             grad_bias = None if bias is None else torch.zeros_like(bias, dtype=torch.float32)  # [V]
 
@@ -109,7 +110,7 @@ class _ChunkedObjective(torch.autograd.Function):
                 continue
             (grad_logits,) = torch.autograd.grad(objective, logits)  # [c, V] fp32
             grad_logits = grad_logits.to(weight.dtype)  # the matmuls run in the head's dtype, as in dense
-            grad_hidden.index_copy_(0, chunk_rows, (grad_logits @ weight).to(grad_hidden.dtype))  # [c, H]
+            grad_hidden.index_copy_(0, chunk_rows, (grad_logits @ weight).float())  # [c, H]
             if grad_weight.dtype == hidden.dtype:
                 grad_weight.addmm_(grad_logits.T, hidden)  # [V, H], in place: no [V, H] temporary per chunk
             else:
@@ -119,11 +120,11 @@ class _ChunkedObjective(torch.autograd.Function):
 
         if want_grad:
             # Normalising in here (in place) makes the upstream gradient 1 in the usual `loss.backward()`.
-            grad_hidden.div_(denominator.to(grad_hidden.dtype))
-            grad_weight.div_(denominator)
+            grad_hidden = grad_hidden.div_(denominator).to(student_hidden.dtype)
+            grad_weight = grad_weight.div_(denominator).to(weight.dtype)
             if grad_bias is not None:
                 grad_bias = grad_bias.div_(denominator).to(bias.dtype)
-            ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype), grad_bias)
+            ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ce_mean, div_mean = ce_sum / denominator, div_sum / denominator
         ctx.mark_non_differentiable(ce_mean, div_mean)
         return ce_weight * ce_mean + kd_weight * div_mean, ce_mean, div_mean
