@@ -1,0 +1,476 @@
+"""The demo's report: one document rendered as Markdown and as HTML, with a PNG of the training curves.
+
+Everything here reads files the other stages wrote and nothing else:
+
+- ``<run>/metrics.jsonl`` and ``<run>/summary.json`` of each training run (``distillm.train``): steps, tokens,
+  seconds per part of the step, where the training sequences came from, and the dev curves;
+- the evaluation summaries of ``distillm evaluate`` (``summary.json``): ROUGE-L per model over seeds;
+- its prediction files (``predictions/<model>/<dataset>/seed<k>.jsonl``): the example answers.
+
+The document is a list of blocks (headings, paragraphs, tables, an image); :func:`to_markdown` and
+:func:`to_html` render the same blocks, so the two files never disagree. The plot needs matplotlib, the
+optional ``report`` extra (``pip install 'distillm[report]'``).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from distillm.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+# The paper's GPT-2 numbers, for orientation only (different models, data and scale). Source: the method
+# reference's section 13, which quotes them from the paper and a third-party reproduction log.
+PAPER_GPT2_MAIN = {
+    "setting": "GPT-2 XL (1.5B) -> GPT-2 (0.1B), DistiLLM, ROUGE-L mean (std) over 5 seeds",
+    "columns": ["Dolly", "SelfInst", "Vicuna", "S-NI", "UnNI"],
+    "row": ["26.11 (0.68)", "13.14 (0.69)", "18.46 (0.53)", "27.51 (0.03)", "29.35 (0.07)"],
+}
+PAPER_GPT2_LOSSES = {
+    "setting": "GPT-2 XL -> GPT-2 0.1B, fixed dataset, alpha 0.1 (the paper's Table 1, loss ablation)",
+    "columns": ["S-NI", "UnNI"],
+    "rows": {"KLD": ["20.68", "23.38"], "SKL": ["26.26", "28.06"], "SRKL": ["25.83", "28.62"]},
+}
+
+
+# --------------------------------------------------------------------------------------------------------
+# The document model.
+
+
+@dataclass
+class Heading:
+    text: str
+    level: int = 2
+
+
+@dataclass
+class Paragraph:
+    text: str
+
+
+@dataclass
+class Table:
+    header: list[str]
+    rows: list[list[str]]
+    align_right: set[int] = field(default_factory=set)  # column indices of numbers
+
+
+@dataclass
+class Image:
+    path: str  # relative to the report
+    alt: str
+
+
+@dataclass
+class Preformatted:
+    text: str
+
+
+Block = Heading | Paragraph | Table | Image | Preformatted
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", "<br>")
+
+
+def to_markdown(blocks: Sequence[Block]) -> str:
+    """GitHub-flavoured Markdown of ``blocks``."""
+    parts = []
+    for block in blocks:
+        if isinstance(block, Heading):
+            parts.append("#" * block.level + " " + block.text)
+        elif isinstance(block, Paragraph):
+            parts.append(block.text)
+        elif isinstance(block, Table):
+            lines = ["| " + " | ".join(_md_cell(h) for h in block.header) + " |"]
+            lines.append(
+                "|"
+                + "|".join("---:" if i in block.align_right else "---" for i in range(len(block.header)))
+                + "|"
+            )
+            lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in block.rows]
+            parts.append("\n".join(lines))
+        elif isinstance(block, Image):
+            parts.append(f"![{block.alt}]({block.path})")
+        elif isinstance(block, Preformatted):
+            parts.append("```\n" + block.text.rstrip("\n") + "\n```")
+    return "\n\n".join(parts) + "\n"
+
+
+_CSS = (
+    "body{font-family:sans-serif;max-width:72em;margin:2em auto;padding:0 1em;line-height:1.4}"
+    "table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:.25em .6em;"
+    "vertical-align:top}th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}"
+    "td{white-space:pre-wrap}pre{background:#f6f6f6;padding:.6em}img{max-width:100%}"
+)
+
+
+def _inline_html(text: str) -> str:
+    """Escape, then render the only inline Markdown the report uses: `code` and **bold**."""
+    import re
+
+    escaped = html.escape(text)
+    escaped = re.sub(r"`([^`]+)`", r"<code>\1</code>", escaped)
+    return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", escaped)
+
+
+def to_html(blocks: Sequence[Block], title: str) -> str:
+    """A standalone HTML page of ``blocks``."""
+    parts = [
+        "<!DOCTYPE html>",
+        f'<html><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{_CSS}</style></head><body>',
+    ]
+    for block in blocks:
+        if isinstance(block, Heading):
+            parts.append(f"<h{block.level}>{_inline_html(block.text)}</h{block.level}>")
+        elif isinstance(block, Paragraph):
+            parts.append(f"<p>{_inline_html(block.text)}</p>")
+        elif isinstance(block, Table):
+            rows = ["<tr>" + "".join(f"<th>{_inline_html(h)}</th>" for h in block.header) + "</tr>"]
+            for row in block.rows:
+                cells = "".join(
+                    f'<td class="num">{_inline_html(c)}</td>'
+                    if i in block.align_right
+                    else f"<td>{_inline_html(c)}</td>"
+                    for i, c in enumerate(row)
+                )
+                rows.append(f"<tr>{cells}</tr>")
+            parts.append("<table>" + "".join(rows) + "</table>")
+        elif isinstance(block, Image):
+            parts.append(f'<img src="{html.escape(block.path)}" alt="{html.escape(block.alt)}">')
+        elif isinstance(block, Preformatted):
+            parts.append(f"<pre>{html.escape(block.text)}</pre>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Reading the stages' outputs.
+
+
+@dataclass
+class RunRecord:
+    """One training run as the report needs it."""
+
+    name: str
+    metrics: list[dict[str, Any]]  # metrics.jsonl rows
+    summary: dict[str, Any]  # summary.json: steps, tokens, seconds, source_counts
+    extra_generation_seconds: float = 0.0  # generation done before the run (SeqKD's teacher answers)
+
+    @property
+    def evaluations(self) -> list[dict[str, Any]]:
+        """The rows written at evaluations (they carry ``dev_loss``), in step order."""
+        return [row for row in self.metrics if "dev_loss" in row]
+
+
+def load_run(name: str, run_dir: str | Path) -> RunRecord:
+    """The metrics and summary of the training run in ``run_dir``."""
+    run_dir = Path(run_dir)
+    summary_path, metrics_path = run_dir / "summary.json", run_dir / "metrics.jsonl"
+    for path in (summary_path, metrics_path):
+        if not path.is_file():
+            raise UserError(f"{path} is missing: the run {name!r} did not finish; rerun it")
+    rows = [
+        json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
+    return RunRecord(name, rows, json.loads(summary_path.read_text(encoding="utf-8")))
+
+
+def read_predictions(eval_dir: str | Path, model: str, dataset: str, seed: int) -> list[dict[str, Any]]:
+    """The rows of one prediction file written by ``distillm evaluate``."""
+    path = Path(eval_dir) / "predictions" / model / dataset / f"seed{seed}.jsonl"
+    if not path.is_file():
+        raise UserError(f"{path} is missing; rerun the evaluation")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Sections.
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def rouge_table(
+    evaluation: dict[str, Any], dataset: str, models: Sequence[str], reference: str | None
+) -> Table:
+    """One row per model: ROUGE-L and exact match, mean and std over seeds; the gap to ``reference``."""
+    entries = evaluation["models"]
+    base = entries[reference]["datasets"][dataset]["rougeL"]["mean"] if reference in entries else None
+    header = ["model", "ROUGE-L mean", "ROUGE-L std", "exact match mean", "exact match std", "mean length"]
+    if base is not None:
+        header.append(f"vs {reference}")
+    rows = []
+    for model in models:
+        stats = entries[model]["datasets"][dataset]
+        row = [
+            model,
+            _fmt(stats["rougeL"]["mean"]),
+            _fmt(stats["rougeL"]["std"]),
+            _fmt(stats["exact_match"]["mean"]),
+            _fmt(stats["exact_match"]["std"]),
+            _fmt(stats["length"]["mean"], 1),
+        ]
+        if base is not None:
+            row.append(f"{stats['rougeL']['mean'] - base:+.2f}")
+        rows.append(row)
+    return Table(header, rows, align_right=set(range(1, len(header))))
+
+
+def paper_tables() -> list[Block]:
+    main, losses = PAPER_GPT2_MAIN, PAPER_GPT2_LOSSES
+    return [
+        Paragraph(f"{main['setting']}:"),
+        Table(["method", *main["columns"]], [["DistiLLM (paper)", *main["row"]]], set(range(1, 6))),
+        Paragraph(f"{losses['setting']}:"),
+        Table(["loss", *losses["columns"]], [[k, *v] for k, v in losses["rows"].items()], {1, 2}),
+    ]
+
+
+def budget_table(runs: Sequence[RunRecord]) -> Table:
+    """Steps, supervised tokens and wall seconds per part of the step, per training run."""
+    header = ["run", "steps", "tokens", "generation s", "teacher s", "student s", "evaluation s", "total s"]
+    rows = []
+    for run in runs:
+        seconds = run.summary.get("seconds", {})
+        parts = [seconds.get(k, 0.0) for k in ("generation", "teacher", "student", "evaluation")]
+        parts[0] += run.extra_generation_seconds
+        rows.append(
+            [
+                run.name,
+                str(run.summary.get("steps", "-")),
+                f"{run.summary.get('tokens', 0):,}",
+                *(f"{p:.1f}" for p in parts),
+                f"{sum(parts):.1f}",
+            ]
+        )
+    return Table(header, rows, align_right=set(range(1, len(header))))
+
+
+def source_table(runs: Sequence[RunRecord]) -> Table:
+    """How many micro-batches came from the dataset, fresh student samples and the replay buffer."""
+    header = ["run", "dataset", "fresh", "replay", "student-generated share", "final phi"]
+    rows = []
+    for run in runs:
+        counts = run.summary.get("source_counts", {})
+        total = sum(counts.values()) or 1
+        generated = counts.get("fresh", 0) + counts.get("replay", 0)
+        phis = [row["phi"] for row in run.evaluations if "phi" in row]
+        rows.append(
+            [
+                run.name,
+                str(counts.get("dataset", 0)),
+                str(counts.get("fresh", 0)),
+                str(counts.get("replay", 0)),
+                f"{100 * generated / total:.0f}%",
+                _fmt(phis[-1]) if phis else "-",
+            ]
+        )
+    return Table(header, rows, align_right=set(range(1, len(header))))
+
+
+def findings(
+    evaluation: dict[str, Any], dataset: str, teacher: str, reference: str, methods: Sequence[str]
+) -> list[str]:
+    """Sentences read off the table: the teacher's lead, the ranking, and which gaps exceed the seed spread.
+
+    A difference counts as beyond the seed-to-seed spread when it is larger than the sum of the two standard
+    deviations over seeds (those measure sampling noise only, not the noise of training with another seed).
+    """
+    entries = {name: entry["datasets"][dataset]["rougeL"] for name, entry in evaluation["models"].items()}
+    sentences = []
+    if teacher in entries and reference in entries:
+        gap = entries[teacher]["mean"] - entries[reference]["mean"]
+        sentences.append(
+            f"The teacher scores {entries[teacher]['mean']:.2f}, {gap:.2f} ROUGE-L points "
+            f"{'above' if gap >= 0 else 'below'} the {reference} student ({entries[reference]['mean']:.2f})."
+        )
+    ranked = sorted((m for m in methods if m in entries), key=lambda m: -entries[m]["mean"])
+    if ranked:
+        sentences.append(
+            "Students from best to worst: " + ", ".join(f"{m} {entries[m]['mean']:.2f}" for m in ranked) + "."
+        )
+    if reference in entries:
+        base = entries[reference]
+        above, below, within = [], [], []
+        for method in ranked:
+            if method == reference:
+                continue
+            diff = entries[method]["mean"] - base["mean"]
+            spread = entries[method]["std"] + base["std"]
+            (above if diff > spread else below if diff < -spread else within).append(
+                f"{method} ({diff:+.2f})"
+            )
+        for names, verb in (
+            (above, "beat"),
+            (below, "fall behind"),
+            (within, "are within the seed-to-seed spread of"),
+        ):
+            if names:
+                sentences.append(f"{', '.join(names)} {verb} {reference} (spread: the sum of the two stds).")
+    return sentences
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise UserError(
+            "the report's plot needs matplotlib, which is not installed: pip install 'distillm[report]'"
+        ) from error
+    matplotlib.use("Agg")  # no display: write files only
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(runs: Sequence[RunRecord], path: str | Path) -> Path:
+    """A PNG with two panels, dev loss and dev ROUGE-L against the optimizer step, one line per run."""
+    plt = _pyplot()
+    figure, (loss_axis, rouge_axis) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for run in runs:
+        rows = run.evaluations
+        steps = [row["step"] for row in rows]
+        (line,) = loss_axis.plot(steps, [row["dev_loss"] for row in rows], marker="o", ms=3, label=run.name)
+        rouge = [(row["step"], row["dev_rougeL"]) for row in rows if "dev_rougeL" in row]
+        if rouge:
+            rouge_axis.plot(*zip(*rouge), marker="o", ms=3, label=run.name, color=line.get_color())
+    loss_axis.set(
+        title="dev loss (cross-entropy on ground truth)", xlabel="optimizer step", ylabel="nats/token"
+    )
+    rouge_axis.set(
+        title="dev ROUGE-L (sampled, in-training subset)", xlabel="optimizer step", ylabel="ROUGE-L"
+    )
+    for axis in (loss_axis, rouge_axis):
+        axis.grid(alpha=0.3)
+    rouge_axis.legend(fontsize=8, loc="best")
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def example_table(predictions: dict[str, list[dict[str, Any]]], indices: Sequence[int]) -> Table:
+    """Rows ``indices`` of the test set: the instruction and input, the reference, each model's answer."""
+    models = list(predictions)
+    first = predictions[models[0]]
+    header = ["prompt (instruction and input)", "reference", *models]
+    rows = []
+    for i in indices:
+        rows.append(
+            [
+                _prompt_core(first[i]["prompt"]),
+                first[i]["references"][0],
+                *(predictions[m][i]["prediction"] for m in models),
+            ]
+        )
+    return Table(header, rows)
+
+
+def _prompt_core(prompt: str) -> str:
+    """The instruction and input of an Alpaca-template prompt, without the template's fixed text."""
+    marker = "### Instruction:\n"
+    if marker not in prompt:
+        return prompt.strip()
+    core = prompt.split(marker, 1)[1].replace("### Response:", "")
+    return core.replace("### Input:\n", "").strip()
+
+
+# --------------------------------------------------------------------------------------------------------
+# The whole report.
+
+
+@dataclass
+class ReportInputs:
+    """What :func:`write_report` needs; every part is a plain value so tests can build it by hand."""
+
+    title: str
+    evaluation: dict[str, Any]  # ``distillm evaluate``'s summary.json format, all models merged
+    dataset: str  # the test set's name in ``evaluation``
+    models: list[str]  # table order; the evaluation summary's model names
+    reference: str | None  # the model the table's last column compares with (SFT)
+    runs: list[RunRecord]  # training runs for the budget table and the plot (methods; teacher, init too)
+    method_runs: list[str]  # the runs drawn in the plot and counted in the sources table
+    predictions: dict[str, list[dict[str, Any]]]  # model -> one seed's prediction rows, same row order
+    example_indices: list[int]
+    setup: list[str]  # sentences describing the setting (machine, sizes, budgets, wall time)
+    findings: list[str] = field(default_factory=list)  # sentences read off the numbers
+
+
+def build_blocks(inputs: ReportInputs, plot_name: str) -> list[Block]:
+    method_runs = [run for run in inputs.runs if run.name in inputs.method_runs]
+    seeds = inputs.evaluation.get("settings", {}).get("seeds", [])
+    rows = inputs.evaluation.get("datasets", {}).get(inputs.dataset, {}).get("rows")
+    blocks: list[Block] = [Heading(inputs.title, 1)]
+    blocks += [Paragraph(" ".join(inputs.setup))]
+    blocks += [
+        Heading("ROUGE-L on the test split"),
+        Paragraph(
+            f"Sampled responses (temperature 1) to the {rows} test prompts, scored with ROUGE-L against the "
+            f"reference, mean and sample standard deviation over the seeds {', '.join(map(str, seeds))}."
+        ),
+        rouge_table(inputs.evaluation, inputs.dataset, inputs.models, inputs.reference),
+    ]
+    if inputs.findings:
+        blocks += [Paragraph(" ".join(inputs.findings))]
+    blocks += [
+        Heading("The paper's GPT-2 numbers, for orientation", 3),
+        Paragraph(
+            "Quoted from the DistiLLM paper (Ko et al., ICML 2024) as collected in the method reference; these "
+            "are 1.5B -> 0.1B models on instruction data, not comparable in scale with this demo."
+        ),
+        *paper_tables(),
+        Heading("Training curves"),
+        Paragraph(
+            "Dev loss (cross-entropy on the ground-truth responses) and in-training dev ROUGE-L of every method, "
+            "all from the same initialised student."
+        ),
+        Image(plot_name, "dev loss and ROUGE-L over training"),
+        Heading("Budget: steps, tokens and wall time"),
+        Paragraph(
+            "Per training run: optimizer steps, supervised tokens, and wall seconds spent generating (student "
+            "samples, or nothing), in the teacher's forward, in the student's forward, backward and update, and "
+            "in evaluation during training. SeqKD's teacher generation happens before its run and is listed "
+            "separately below."
+        ),
+        budget_table(inputs.runs),
+        Heading("Where the training sequences came from"),
+        Paragraph(
+            "Micro-batches per source: the dataset, fresh student samples, or samples replayed from the buffer "
+            "(DistiLLM's adaptive off-policy schedule; phi is its probability of student-generated outputs)."
+        ),
+        source_table(method_runs),
+        Heading("Example answers"),
+        Paragraph(f"One sampled answer per model (seed {seeds[0] if seeds else '?'}) to a few test prompts."),
+        example_table(inputs.predictions, inputs.example_indices),
+    ]
+    return blocks
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def write_report(inputs: ReportInputs, out_dir: str | Path) -> dict[str, Path]:
+    """Write ``report.md``, ``report.html`` and ``curves.png`` into ``out_dir``; returns their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plot = plot_curves([run for run in inputs.runs if run.name in inputs.method_runs], out_dir / "curves.png")
+    blocks = build_blocks(inputs, plot.name)
+    paths = {"markdown": out_dir / "report.md", "html": out_dir / "report.html", "plot": plot}
+    _write_atomic(paths["markdown"], to_markdown(blocks))
+    _write_atomic(paths["html"], to_html(blocks, inputs.title))
+    return paths
