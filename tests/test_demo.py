@@ -112,3 +112,44 @@ def test_a_rerun_reuses_every_finished_stage_and_redoes_a_removed_one(quick_demo
 def test_a_folder_with_another_plan_is_refused_without_force(quick_demo, capsys):
     assert main(["demo", "--out", str(quick_demo)]) == 2  # the full plan, in a quick demo's folder
     assert "--force" in capsys.readouterr().err
+
+
+def test_stages_redo_what_was_built_from_a_redone_stage(tmp_path):
+    ran = []
+
+    def stage(name):
+        def work():
+            ran.append(name)
+            (tmp_path / name).write_text("done")
+
+        return work
+
+    def done(name):
+        return lambda: (tmp_path / name).exists()
+
+    stages = demo.Stages(tmp_path, demo.QUICK_PLAN, quick=True, force=False)
+    stages.run("a", done("a"), stage("a"))
+    stages.run("b", done("b"), stage("b"), after=["a"])
+    stages.run("c", done("c"), stage("c"))
+    assert ran == ["a", "b", "c"]
+
+    (tmp_path / "a").unlink()  # "a" is incomplete: it runs again, "b" was built from it, "c" was not
+    again = demo.Stages(tmp_path, demo.QUICK_PLAN, quick=True, force=False)
+    again.run("a", done("a"), stage("a"))
+    again.run("b", done("b"), stage("b"), after=["a"])
+    again.run("c", done("c"), stage("c"))
+    assert ran == ["a", "b", "c", "a", "b"]
+
+
+def test_a_record_without_finish_times_is_read_in_the_order_its_stages_ran(tmp_path):
+    record = {"plan": None, "quick": True, "seconds": {"a": 1.0, "b": 2.0}, "machine": "m"}
+    stages = demo.Stages(tmp_path, demo.QUICK_PLAN, quick=True, force=False)
+    record["plan"] = stages.record["plan"]
+    (tmp_path / "demo.json").write_text(json.dumps(record))
+    (tmp_path / "a").write_text("")
+    (tmp_path / "b").write_text("")
+    stages = demo.Stages(tmp_path, demo.QUICK_PLAN, quick=True, force=False)
+    ran = []
+    stages.run("a", lambda: True, lambda: ran.append("a"))
+    stages.run("b", lambda: True, lambda: ran.append("b"), after=["a"])
+    assert ran == []
