@@ -137,3 +137,19 @@ def test_teacher_can_be_the_generator(tiny_tokenizer, student):
     )
     sources.next_batch(_dataset_batch(tiny_tokenizer), 0, student)
     assert teacher.calls > 0
+
+
+def test_the_papers_algorithm_trains_on_buffer_samples_and_never_replays_from_an_empty_buffer(
+    tiny_tokenizer, student
+):
+    sources = _sources(
+        tiny_tokenizer,
+        "sources.kind=adaptive",
+        "sources.init_threshold=1.0",
+        "sources.capacity=8",
+        "sources.algorithm=paper",
+        "sources.replay_ratio=constant",
+    )
+    chosen = [sources.next_batch(_dataset_batch(tiny_tokenizer), s, student)[1] for s in range(10)]
+    assert chosen[0] == "fresh", "the first draw below phi finds an empty buffer: it generates first"
+    assert set(chosen) <= {"fresh", "replay"} and len(sources.buffer) > 0

@@ -257,7 +257,7 @@ def test_a_run_killed_mid_way_resumes_to_the_same_weights(
     saved = list_checkpoints(killed)
     assert saved, "no checkpoint was written before the kill"
     if method == "distillm":
-        state = load_trainer_state(saved[-1])["sources"]
+        state = load_trainer_state(saved[-1])["processes"][0]["sources"]
         assert state["phi"] > 0 and len(state["buffer"]["samples"]) > 0
 
     resumed = subprocess.run(command(killed, resume=True), env=env, capture_output=True, text=True)

@@ -3,7 +3,7 @@
 This is how SeqKD gets its data: the teacher answers every training prompt, and the student is then
 fine-tuned on those answers. The original code wrote the teacher's text to a field (``gen_answer``) that its
 data preparation never read, so its "SeqKD" students were trained on the ground truth (see
-docs/methods.md); here the generated text *is* the ``output`` field of the written file, and the ground
+docs/differences.md); here the generated text *is* the ``output`` field of the written file, and the ground
 truth is kept only as ``reference``.
 """
 

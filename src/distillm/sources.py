@@ -42,7 +42,13 @@ class Sources:
     """Per micro-batch choice of training sequences; its state is part of every checkpoint."""
 
     def __init__(
-        self, config: Config, tokenizer, teacher: nn.Module | None, total_steps: int, device: torch.device
+        self,
+        config: Config,
+        tokenizer,
+        teacher: nn.Module | None,
+        total_steps: int,
+        device: torch.device,
+        rank: int = 0,
     ):
         self.config = config.sources
         self.generation = config.generation
@@ -50,9 +56,10 @@ class Sources:
         self.device = device
         self.teacher = teacher
         self.eos, self.pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-        # Separate streams: the coin is shared by all processes; sampling and replay draw per process.
+        # Separate streams: the coin is shared by all processes (same seed everywhere, one draw per
+        # micro-batch on each), while sampling and replay draw differently on each process.
         self.coin = torch.Generator().manual_seed(config.seed * 7919 + 1)
-        self.sampling = torch.Generator(device="cpu").manual_seed(config.seed * 7919 + 2)
+        self.sampling = torch.Generator(device="cpu").manual_seed(config.seed * 7919 + 2 + 104_729 * rank)
         self.buffer = ReplayBuffer(self.config.capacity)
         self.adaptive = AdaptiveState(phi=self.config.init_threshold, reference_loss=None)
         self.counts = {"dataset": 0, "fresh": 0, "replay": 0}
@@ -86,7 +93,14 @@ class Sources:
         if kind == "mixed":
             return mixed_source(u, self.config.student_ratio)
         fraction = replay_fraction(self.config.replay_ratio, step, self.total_steps)
-        return choose_source(u, self.adaptive.phi, fraction, self.buffer.is_full(), self.config.algorithm)
+        return choose_source(
+            u,
+            self.adaptive.phi,
+            fraction,
+            self.buffer.is_full(),
+            self.config.algorithm,
+            buffer_empty=len(self.buffer) == 0,
+        )
 
     def _generate(self, dataset_batch: Batch, student: nn.Module) -> Batch:
         model = self.teacher if self.config.generator == "teacher" else student
@@ -138,5 +152,5 @@ class Sources:
         self.counts = dict(state["counts"])
 
 
-def build_sources(config: Config, tokenizer, teacher, total_steps: int, device) -> Sources:
-    return Sources(config, tokenizer, teacher, total_steps, device)
+def build_sources(config: Config, tokenizer, teacher, total_steps: int, device, rank: int = 0) -> Sources:
+    return Sources(config, tokenizer, teacher, total_steps, device, rank)

@@ -25,6 +25,7 @@ import torch
 
 from distillm import IGNORE_INDEX
 from distillm.checkpoint import (
+    capture_rng_state,
     latest_checkpoint,
     load_model_weights,
     load_trainer_state,
@@ -383,10 +384,11 @@ def train(config: Config) -> TrainResult:
         out.mkdir(parents=True, exist_ok=True)
         save_config(config, out / "config.yaml")
     accelerator.wait_for_everyone()
-    seed_everything(config.seed)
+    seed_everything(config.seed + accelerator.process_index)  # distinct dropout per process, as the original
 
     tokenizer, student, teacher, vocab_size = load_models(config, accelerator.device)
-    data = load_data(config, tokenizer, cache_dir)
+    with accelerator.main_process_first():  # one process tokenizes into the cache, the others reuse it
+        data = load_data(config, tokenizer, cache_dir)
     from distillm.data import collate
 
     order = BatchOrder(
@@ -409,7 +411,9 @@ def train(config: Config) -> TrainResult:
     objective = StudentObjective(student, config.objective, vocab_size)
     optimizer = build_optimizer(objective, config.train)
     scheduler = build_scheduler(optimizer, total_steps, config.train)
-    sources = build_sources(config, tokenizer, teacher, total_steps, accelerator.device)
+    sources = build_sources(
+        config, tokenizer, teacher, total_steps, accelerator.device, accelerator.process_index
+    )
     state = TrainState()
 
     checkpoint = latest_checkpoint(out) if config.train.resume else None
@@ -418,14 +422,15 @@ def train(config: Config) -> TrainResult:
         saved = load_trainer_state(checkpoint)
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-        sources.load_state_dict(saved["sources"])
+        mine = _this_process_state(saved, accelerator, checkpoint)
+        sources.load_state_dict(mine["sources"])
         state = _state_from_dict(saved["train"])
         logger.info("resumed from %s (step %d)", checkpoint, state.step)
 
     configure_deepspeed(accelerator, config)
     objective, optimizer = accelerator.prepare(objective, optimizer)
     if checkpoint is not None:
-        restore_rng_state(load_trainer_state(checkpoint)["rng"])
+        restore_rng_state(_this_process_state(load_trainer_state(checkpoint), accelerator, checkpoint)["rng"])
     if config.train.report_to:
         accelerator.init_trackers("distillm", config={"seed": config.seed})
     metrics = MetricsLog(out / "metrics.jsonl", accelerator, state.step if checkpoint is not None else None)
@@ -657,11 +662,13 @@ def _gather_sources(accelerator, sources: list[str]) -> list[str]:
 def _save(config, accelerator, objective, tokenizer, optimizer, scheduler, sources, state, out) -> None:
     accelerator.wait_for_everyone()
     weights = _student_state_dict(accelerator, objective)
+    # Each process has its own replay buffer, sampling stream and RNG: all of them go into the checkpoint.
+    per_process = _gather_to_main(accelerator, {"sources": sources.state_dict(), "rng": capture_rng_state()})
     if accelerator.is_main_process:
         trainer_state = {
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
-            "sources": sources.state_dict(),
+            "processes": per_process,
             "train": _state_to_dict(state),
         }
         model = _unwrap(accelerator, objective).student
@@ -675,6 +682,25 @@ def _save(config, accelerator, objective, tokenizer, optimizer, scheduler, sourc
             state_dict=weights,
         )
     accelerator.wait_for_everyone()
+
+
+def _gather_to_main(accelerator, payload: dict[str, Any]) -> list[dict[str, Any]]:
+    """``payload`` of every process, in rank order (complete on the main process)."""
+    if accelerator.num_processes == 1:
+        return [payload]
+    from accelerate.utils import gather_object
+
+    return gather_object([payload])
+
+
+def _this_process_state(saved: dict[str, Any], accelerator, checkpoint: Path) -> dict[str, Any]:
+    processes = saved["processes"]
+    if len(processes) != accelerator.num_processes:
+        raise UserError(
+            f"{checkpoint} was written by {len(processes)} processes; resume it with the same number "
+            f"(this run has {accelerator.num_processes}), or start a new train.output_dir"
+        )
+    return processes[accelerator.process_index]
 
 
 def _state_to_dict(state: TrainState) -> dict[str, Any]:
