@@ -32,7 +32,9 @@ def test_every_preset_loads_and_validates(preset):
     config = load_config(preset)
     assert config.model.student, "every preset names a student"
     header = preset.read_text().splitlines()
-    assert any(f"distillm train --config configs/{preset.relative_to(CONFIGS)}" in line for line in header[:12])
+    assert any(
+        f"distillm train --config configs/{preset.relative_to(CONFIGS)}" in line for line in header[:12]
+    )
 
 
 def test_presets_cover_every_method_of_the_tiny_pair():
@@ -65,7 +67,9 @@ def test_overrides_win_over_the_preset(tmp_path):
 
 
 def test_unknown_key_names_the_key_and_suggests_the_closest(tmp_path):
-    with pytest.raises(ConfigError, match=r"unknown config key 'train.max_step'.*did you mean 'train.max_steps'"):
+    with pytest.raises(
+        ConfigError, match=r"unknown config key 'train.max_step'.*did you mean 'train.max_steps'"
+    ):
         load_config(None, ["train.max_step=3"])
     preset = tmp_path / "bad.yaml"
     preset.write_text("objective:\n  kd_raito: 0.5\n")
