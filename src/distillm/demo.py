@@ -522,7 +522,7 @@ def write_demo_report(out: Path, stages: Stages) -> DemoResult:
         f" byte-level BPE tokenizer of {plan.vocab_size} tokens.",
         f"Teacher: GPT-2 shape, {plan.teacher.layers} layers, hidden {plan.teacher.hidden}, "
         f"{teacher_params / 1e6:.2f}M parameters, fine-tuned for {plan.teacher_steps} steps.",
-        f"Student: {plan.student.layers} layers, hidden {plan.student.hidden}, {student_params / 1e6:.2f}M parameters,"
+        f"Student: GPT-2 shape, {plan.student.layers} layer(s), hidden {plan.student.hidden}, {student_params / 1e6:.2f}M parameters,"
         f" initialised by {plan.init_steps} SFT steps; every method then trains it for {plan.method_steps} optimizer "
         f"steps of batch {plan.batch_size} from that same start, and the checkpoint with the best in-training dev "
         f"ROUGE-L ({plan.eval_rouge_rows} dev rows, {plan.method_evals} evaluations) is evaluated.",
