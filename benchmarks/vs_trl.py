@@ -1,11 +1,11 @@
-"""Seconds per optimizer step: `distillm.train.train` against TRL's `GKDTrainer`, same models, data and settings.
+"""Seconds per optimizer step: `distillm.train.train` against TRL's `GKDTrainer`, same models, data, settings.
 
     .venv/bin/pip install trl torch==2.13.0           # the optional `bench` extra; keep the CPU torch pin
-    .venv/bin/python benchmarks/vs_trl.py              # both settings, 3 repeats of 3 warm-up + 20 timed steps
+    .venv/bin/python benchmarks/vs_trl.py          # both settings, 3 repeats of 3 warm-up + 20 timed steps
     .venv/bin/python benchmarks/vs_trl.py --settings gkd --steps 10 --repeats 2
-    .venv/bin/python benchmarks/vs_trl.py --profile ours --settings gkd     # cProfile of our loop, top functions
+    .venv/bin/python benchmarks/vs_trl.py --profile ours --settings gkd    # cProfile of our loop: hot spots
+    # what our options that TRL lacks buy (no longer equal settings):
     .venv/bin/python benchmarks/vs_trl.py --ours-overrides objective.chunk_size=512 model.teacher_dtype=bf16
-                                                       # what our options TRL lacks buy (no longer equal settings)
 
 Two settings:
 
@@ -422,16 +422,30 @@ def summarise(runs: list[dict], setting: str) -> dict[str, float]:
     return summary
 
 
-def print_table(results: dict[str, dict[str, dict]], args: argparse.Namespace) -> None:
+def paired_ratios(runs: dict[str, list[dict]], setting: str) -> list[float]:
+    """TRL / ours per repeat, from the two runs made back to back (load drift between repeats cancels)."""
+    return [
+        summarise([theirs], setting)["per_step"] / summarise([ours], setting)["per_step"]
+        for ours, theirs in zip(runs["ours"], runs["trl"])
+    ]
+
+
+def print_table(
+    results: dict[str, dict[str, dict]], runs: dict[str, dict[str, list[dict]]], args: argparse.Namespace
+) -> None:
     print()
-    print("| setting | ours s/step | TRL s/step | TRL / ours | ours run medians | TRL run medians |")
-    print("|---|---:|---:|---:|---|---|")
+    print(
+        "| setting | ours s/step | TRL s/step | TRL / ours | paired TRL / ours per repeat "
+        "| ours run medians | TRL run medians |"
+    )
+    print("|---|---:|---:|---:|---|---|---|")
     for setting, by_trainer in results.items():
         ours, trl = by_trainer["ours"], by_trainer["trl"]
         spread = {k: ", ".join(f"{m:.3f}" for m in v["run_medians"]) for k, v in by_trainer.items()}
+        paired = ", ".join(f"{r:.2f}" for r in paired_ratios(runs[setting], setting))
         print(
             f"| {setting} | {ours['per_step']:.4f} | {trl['per_step']:.4f} | "
-            f"{trl['per_step'] / ours['per_step']:.2f}x | {spread['ours']} | {spread['trl']} |"
+            f"{trl['per_step'] / ours['per_step']:.2f}x | {paired} | {spread['ours']} | {spread['trl']} |"
         )
     if "gkd" in results:
         print()
@@ -506,7 +520,8 @@ def main(argv: list[str] | None = None) -> int:
     paths = prepare(Path(args.workdir), args)
     check = compare_tokenization(paths, args)
     print(
-        f"torch {torch.__version__} ({args.threads or torch.get_num_threads()} threads), trl {trl.__version__}, CPU fp32; "
+        f"torch {torch.__version__} ({args.threads or torch.get_num_threads()} threads), "
+        f"trl {trl.__version__}, CPU fp32; "
         f"batch {args.batch_size}, max_length {args.max_length}, max_prompt_length {args.max_prompt_length}, "
         f"max_new_tokens {args.max_new_tokens}, gkd beta {args.beta}; {args.warmup} warm-up + {args.steps} "
         f"timed steps x {args.repeats} repeats"
@@ -541,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
     results = {s: {t: summarise(runs[s][t], s) for t in TRAINERS} for s in args.settings}
-    print_table(results, args)
+    print_table(results, runs, args)
     return 0
 
 
