@@ -83,6 +83,21 @@ def build_small_model(family: str, vocab_size: int, seed: int = 0, **kwargs: Any
     return AutoModelForCausalLM.from_config(config)
 
 
+# Model types whose causal-LM logits are exactly ``lm_head(base_model(...).last_hidden_state)``: no logit
+# scaling or soft-capping after the head. For them the loss may apply the head itself, to the supervised
+# positions only (and chunk by chunk); other models go through their full forward.
+PLAIN_HEAD_MODEL_TYPES = frozenset({"gpt2", "llama", "mistral", "qwen2", "qwen3", "opt"})
+
+
+def has_plain_head(model) -> bool:
+    """Whether ``model`` (peft-wrapped or not) computes its logits as a plain linear head on its last hidden state."""
+    from torch import nn
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = inner.get_output_embeddings()
+    return getattr(inner.config, "model_type", None) in PLAIN_HEAD_MODEL_TYPES and type(head) is nn.Linear
+
+
 # --------------------------------------------------------------------------------------------------------
 # Loading.
 

@@ -11,13 +11,16 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distillm import IGNORE_INDEX
 from distillm.config import ObjectiveConfig
+from distillm.errors import UserError
 from distillm.losses import get_divergence
 from distillm.losses.chunked import chunked_distillation_loss
-from distillm.losses.reduction import distillation_loss, masked_mean, token_cross_entropy
+from distillm.losses.reduction import distillation_loss
+from distillm.models import PLAIN_HEAD_MODEL_TYPES, has_plain_head
 
 
 class TeacherOutput(NamedTuple):
@@ -56,20 +59,46 @@ def output_head(model: nn.Module, vocab_size: int) -> tuple[Tensor, Tensor | Non
     return head.weight[:vocab_size], bias
 
 
+def supervised_logits(model: nn.Module, batch: dict[str, Tensor], vocab_size: int) -> Tensor:
+    """Logits [N, V] at the N supervised positions of ``batch`` only.
+
+    Prompts and padding carry no loss, so for models with a plain head (``models.has_plain_head``) the head
+    is applied to the supervised hidden states alone: typically a tenth of the [B, T, V] a full forward
+    computes. Other models run their full forward and the rows are selected afterwards.
+    """
+    mask = batch["labels"] != IGNORE_INDEX  # [B, T]
+    if has_plain_head(model):
+        hidden = decoder_hidden_states(model, batch["input_ids"], batch["attention_mask"])[mask]  # [N, H]
+        weight, bias = output_head(model, vocab_size)
+        return F.linear(hidden, weight, bias)  # [N, V]
+    logits = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    ).logits
+    return logits[..., :vocab_size][mask]  # [N, V]
+
+
 @torch.no_grad()
 def teacher_forward(
     teacher: nn.Module, batch: dict[str, Tensor], vocab_size: int, chunked: bool
 ) -> TeacherOutput:
-    """Run the frozen teacher on the batch the student trains on."""
+    """Run the frozen teacher on the batch the student trains on (supervised positions only)."""
     if not chunked:
-        logits = teacher(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-        ).logits
-        return TeacherOutput(logits=logits[..., :vocab_size])
+        return TeacherOutput(logits=supervised_logits(teacher, batch, vocab_size))
+    _require_plain_head(teacher, "teacher")
     hidden = decoder_hidden_states(teacher, batch["input_ids"], batch["attention_mask"])  # [B, T, H]
     mask = batch["labels"] != IGNORE_INDEX
     weight, bias = output_head(teacher, vocab_size)
     return TeacherOutput(hidden=hidden[mask], head_weight=weight, head_bias=bias)
+
+
+def _require_plain_head(model: nn.Module, role: str) -> None:
+    if not has_plain_head(model):
+        model_type = getattr(unwrap_peft(model).config, "model_type", "?")
+        raise UserError(
+            f"objective.chunk_size > 0 applies the {role}'s lm_head itself, which is only exact for models whose "
+            f"logits are a plain linear head ({', '.join(sorted(PLAIN_HEAD_MODEL_TYPES))}); this {role} is a "
+            f"{model_type!r}. Set objective.chunk_size=0"
+        )
 
 
 class StudentObjective(nn.Module):
@@ -94,66 +123,44 @@ class StudentObjective(nn.Module):
         pretrain_batch: dict[str, Tensor] | None = None,
         pretrain_tokens: Tensor | None = None,
     ) -> StepLoss:
-        kd_ratio = self.objective.kd_ratio if self.divergence is not None else 0.0
-        if self.objective.chunk_size > 0:
-            parts = self._chunked(batch, num_tokens, teacher, kd_ratio)
-        else:
-            logits = self._logits(batch)
-            parts = distillation_loss(
-                logits,
-                batch["labels"],
-                self.divergence,
-                kd_ratio,
-                num_tokens=num_tokens,
-                teacher_logits=teacher.logits if teacher is not None else None,
-            )
+        parts = self._loss(batch, num_tokens, teacher if self.divergence is not None else None)
         total, lm = parts.total, torch.zeros_like(parts.ce)
         if pretrain_batch is not None and self.objective.lm_coef > 0:
-            lm_loss = self._language_model_loss(pretrain_batch, pretrain_tokens)
+            lm_loss = self._loss(pretrain_batch, pretrain_tokens, None).total  # plain CE on the corpus
             total = total + self.objective.lm_coef * lm_loss
             lm = lm_loss.detach()
         return StepLoss(total=total, ce=parts.ce, divergence=parts.divergence, lm=lm)
 
-    def _logits(self, batch: dict[str, Tensor]) -> Tensor:
-        out = self.student(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-        )
-        return out.logits[..., : self.vocab_size]  # [B, T, V]
-
-    def _chunked(self, batch, num_tokens, teacher: TeacherOutput | None, kd_ratio: float):
-        hidden = decoder_hidden_states(self.student, batch["input_ids"], batch["attention_mask"])  # [B, T, H]
-        mask = batch["labels"] != IGNORE_INDEX
+    def _loss(self, batch: dict[str, Tensor], num_tokens: Tensor | None, teacher: TeacherOutput | None):
+        """``(1 - kd_ratio) CE + kd_ratio D`` on the supervised positions; plain CE when ``teacher`` is None."""
+        mask = batch["labels"] != IGNORE_INDEX  # [B, T]
+        labels = batch["labels"][mask]  # [N]
+        divergence = self.divergence if teacher is not None else None
+        kd_ratio = self.objective.kd_ratio if divergence is not None else 0.0
+        if self.objective.chunk_size == 0:
+            return distillation_loss(
+                supervised_logits(self.student, batch, self.vocab_size),  # [N, V]
+                labels,
+                divergence,
+                kd_ratio,
+                num_tokens=num_tokens,
+                teacher_logits=teacher.logits if teacher is not None else None,
+            )
+        _require_plain_head(self.student, "student")
+        hidden = decoder_hidden_states(self.student, batch["input_ids"], batch["attention_mask"])[
+            mask
+        ]  # [N, H]
         weight, bias = output_head(self.student, self.vocab_size)
-        use_teacher = self.divergence is not None and teacher is not None
         return chunked_distillation_loss(
-            hidden[mask],  # [N, H]: only supervised positions are ever projected onto the vocabulary
+            hidden,
             weight,
-            batch["labels"][mask],
-            self.divergence,
+            labels,
+            divergence,
             kd_ratio,
             num_tokens,
-            teacher_hidden=teacher.hidden if use_teacher else None,
-            teacher_head_weight=teacher.head_weight if use_teacher else None,
-            teacher_head_bias=teacher.head_bias if use_teacher else None,
+            teacher_hidden=teacher.hidden if teacher is not None else None,
+            teacher_head_weight=teacher.head_weight if teacher is not None else None,
+            teacher_head_bias=teacher.head_bias if teacher is not None else None,
             chunk_size=self.objective.chunk_size,
             lm_head_bias=bias,
         )
-
-    def _language_model_loss(self, batch: dict[str, Tensor], num_tokens: Tensor | None) -> Tensor:
-        labels = batch["labels"]
-        if self.objective.chunk_size > 0:
-            hidden = decoder_hidden_states(self.student, batch["input_ids"], batch["attention_mask"])
-            mask = labels != IGNORE_INDEX
-            weight, bias = output_head(self.student, self.vocab_size)
-            return chunked_distillation_loss(
-                hidden[mask],
-                weight,
-                labels[mask],
-                None,
-                0.0,
-                num_tokens,
-                chunk_size=self.objective.chunk_size,
-                lm_head_bias=bias,
-            ).total
-        logits = self._logits(batch)
-        return masked_mean(token_cross_entropy(logits, labels), labels != IGNORE_INDEX, num_tokens)

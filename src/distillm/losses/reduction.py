@@ -90,7 +90,9 @@ def distillation_loss(
     """
     _check_objective(divergence, kd_ratio, teacher_logits is not None)
     mask = labels != IGNORE_INDEX  # [...]
-    ce = masked_mean(token_cross_entropy(student_logits, labels), mask, num_tokens)
+    # With kd_ratio = 1 the CE is only logged: keep it out of the autograd graph.
+    ce_input = student_logits.detach() if kd_ratio == 1.0 else student_logits
+    ce = masked_mean(token_cross_entropy(ce_input, labels), mask, num_tokens)
     if divergence is None:
         return LossParts(total=ce, ce=ce.detach(), divergence=torch.zeros_like(ce))
     div = masked_mean(divergence(student_logits, teacher_logits), mask, num_tokens)
