@@ -367,3 +367,25 @@ def test_a_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(
 
     last = latest_checkpoint(out)
     assert last is not None and last.name == f"step-{failed_step - 1:07d}"
+
+
+def test_report_to_tensorboard_writes_event_files(task_data, tiny_student_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    from distillm.train import train
+
+    out = tmp_path / "tb"
+    train(
+        load_config(
+            None,
+            tiny_overrides(task_data, tiny_student_dir, "null", out, **{"train.max_steps": 2})
+            + ["train.report_to=[tensorboard]"],
+        )
+    )
+    events = list(out.rglob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event file was written"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(events[0].parent))
+    accumulator.Reload()
+    assert "loss" in accumulator.Tags()["scalars"]
+    assert [e.step for e in accumulator.Scalars("loss")] == [1, 2]
