@@ -100,3 +100,25 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def task_data(tmp_path_factory):
+    """A small slice of the bundled task suite (Dolly format): train.jsonl, dev.jsonl, test.jsonl."""
+    from distillm.data import write_task_suite
+
+    out = tmp_path_factory.mktemp("tasks")
+    write_task_suite(out, seed=0, n_train=64, n_dev=16, n_test=8)
+    return out
+
+
+@pytest.fixture(scope="session")
+def quiet_pair(tmp_path_factory, tiny_tokenizer_dir):
+    """Tiny GPT-2 student and teacher folders without dropout, so that runs can be compared number for number."""
+    folders = {}
+    for name, hidden, seed in (("student", 32, 1), ("teacher", 48, 2)):
+        folders[name] = _save_model(
+            tmp_path_factory.mktemp(f"quiet-{name}"), "gpt2", tiny_tokenizer_dir, seed=seed, layers=2,
+            hidden=hidden, heads=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        )  # fmt: skip
+    return folders

@@ -11,36 +11,6 @@ import torch
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-@pytest.fixture(scope="module")
-def task_data(tmp_path_factory):
-    from distillm.data import write_task_suite
-
-    out = tmp_path_factory.mktemp("tasks")
-    write_task_suite(out, seed=0, n_train=24, n_dev=4, n_test=2)
-    return out
-
-
-@pytest.fixture(scope="module")
-def quiet_pair(tmp_path_factory, tiny_tokenizer_dir):
-    """Tiny GPT-2 teacher and student without dropout, so that runs can be compared number for number."""
-    from transformers import AutoTokenizer
-
-    from distillm.models import build_small_model
-
-    tokenizer = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
-    folders = {}
-    for name, hidden, seed in (("student", 32, 1), ("teacher", 48, 2)):
-        model = build_small_model(
-            "gpt2", len(tokenizer), seed=seed, layers=2, hidden=hidden, heads=2,
-            eos_token_id=tokenizer.eos_token_id, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        )  # fmt: skip
-        folder = tmp_path_factory.mktemp(f"quiet-{name}")
-        model.save_pretrained(str(folder))
-        tokenizer.save_pretrained(str(folder))
-        folders[name] = folder
-    return folders
-
-
 def lora_config(task_data, pair, out: Path, preset: str = "kd", **extra):
     from distillm.config import load_config
 

@@ -12,15 +12,6 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 FAMILIES = ["gpt2", "opt", "llama", "qwen2", "mistral"]
 
 
-@pytest.fixture(scope="module")
-def task_data(tmp_path_factory):
-    from distillm.data import write_task_suite
-
-    out = tmp_path_factory.mktemp("tasks")
-    write_task_suite(out, seed=0, n_train=16, n_dev=4, n_test=2)
-    return out
-
-
 def run_config(preset: str, task_data, out: Path, **extra):
     from distillm.config import load_config
 

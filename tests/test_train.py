@@ -20,45 +20,6 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 METHODS = ["sft", "kd", "seqkd", "imitkd", "gkd", "distillm"]
 
 
-@pytest.fixture(scope="module")
-def task_data(tmp_path_factory):
-    """A small slice of the bundled task suite, in the Dolly format."""
-    from distillm.data import write_task_suite
-
-    out = tmp_path_factory.mktemp("tasks")
-    write_task_suite(out, seed=0, n_train=64, n_dev=16, n_test=8)
-    return out
-
-
-@pytest.fixture(scope="module")
-def quiet_models(tmp_path_factory, tiny_tokenizer_dir):
-    """Tiny GPT-2 teacher and student without dropout, so runs can be compared number for number."""
-    from transformers import AutoTokenizer
-
-    from distillm.models import build_small_model
-
-    tokenizer = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
-    folders = {}
-    for name, hidden, seed in (("student", 32, 1), ("teacher", 48, 2)):
-        model = build_small_model(
-            "gpt2",
-            len(tokenizer),
-            seed=seed,
-            layers=2,
-            hidden=hidden,
-            heads=2,
-            eos_token_id=tokenizer.eos_token_id,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-        )
-        folder = tmp_path_factory.mktemp(f"quiet-{name}")
-        model.save_pretrained(str(folder))
-        tokenizer.save_pretrained(str(folder))
-        folders[name] = folder
-    return folders
-
-
 def tiny_overrides(task_data, student, teacher, out, **extra) -> list[str]:
     values = {
         "model.student": student,
@@ -113,19 +74,19 @@ def fixed_batch_objective(config, model_dir) -> float:
 
 @pytest.mark.parametrize("method", METHODS)
 def test_each_method_preset_trains_and_lowers_its_objective_on_a_fixed_batch(
-    method, task_data, quiet_models, tmp_path
+    method, task_data, quiet_pair, tmp_path
 ):
     from distillm.train import train
 
     out = tmp_path / method
     overrides = tiny_overrides(
-        task_data, quiet_models["student"], quiet_models["teacher"], out, **{"train.max_steps": 8}
+        task_data, quiet_pair["student"], quiet_pair["teacher"], out, **{"train.max_steps": 8}
     )
     config = load_config(
         CONFIGS / "tiny" / f"{method}.yaml",
         overrides + ["train.eval_rouge=false", "train.select_by=dev_loss"],
     )
-    before = fixed_batch_objective(config, quiet_models["student"])
+    before = fixed_batch_objective(config, quiet_pair["student"])
     result = train(config)
     after = fixed_batch_objective(config, out / "last")
     assert result.steps == 8
@@ -136,7 +97,7 @@ def test_each_method_preset_trains_and_lowers_its_objective_on_a_fixed_batch(
         assert summary["source_counts"] == {"fresh": 8}, "ImitKD trains on student samples every step"
 
 
-def test_batch_4_by_1_and_2_by_2_give_the_same_loss_and_gradient_norm(task_data, quiet_models, tmp_path):
+def test_batch_4_by_1_and_2_by_2_give_the_same_loss_and_gradient_norm(task_data, quiet_pair, tmp_path):
     from distillm.train import train
 
     runs = {}
@@ -144,8 +105,8 @@ def test_batch_4_by_1_and_2_by_2_give_the_same_loss_and_gradient_norm(task_data,
         out = tmp_path / name
         overrides = tiny_overrides(
             task_data,
-            quiet_models["student"],
-            quiet_models["teacher"],
+            quiet_pair["student"],
+            quiet_pair["teacher"],
             out,
             **{"train.batch_size": batch, "train.grad_accum": accum, "train.max_steps": 3},
         )
