@@ -350,3 +350,25 @@ def test_report_to_tensorboard_writes_event_files(task_data, tiny_student_dir, t
     accumulator.Reload()
     assert "loss" in accumulator.Tags()["scalars"]
     assert [e.step for e in accumulator.Scalars("loss")] == [1, 2]
+
+
+def test_dev_loss_is_the_token_mean_cross_entropy_over_the_whole_dev_set(tiny_student_dir, tiny_tokenizer):
+    import torch.nn.functional as F
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM
+
+    from distillm.data import collate
+    from distillm.train import dev_loss
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_student_dir)).eval()
+    encode = lambda text: tiny_tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    eos = tiny_tokenizer.eos_token_id
+    rows = [(encode(f"count to {i}"), encode(" one two three"[: 4 + 3 * i]) + [eos]) for i in range(5)]
+    got = dev_loss(
+        model, rows, collate, tiny_tokenizer.pad_token_id, 2, Accelerator(cpu=True), len(tiny_tokenizer)
+    )
+    batch = collate(rows, tiny_tokenizer.pad_token_id)  # one batch: the reference pools every token at once
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
+    assert got == pytest.approx(expected.item(), rel=1e-5)

@@ -11,6 +11,7 @@ Methods differ only in configuration (``objective`` and ``sources``); no method 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -293,7 +294,8 @@ def dev_loss(
     model, dataset, collate, pad_token_id: int, batch_size: int, accelerator, vocab_size: int
 ) -> float:
     """Mean token cross-entropy of ``model`` on the ground-truth responses of ``dataset``."""
-    from distillm.losses.reduction import masked_sum, token_cross_entropy
+    from distillm.losses.reduction import token_cross_entropy
+    from distillm.objective import supervised_logits
 
     was_training = model.training
     model.eval()
@@ -302,12 +304,10 @@ def dev_loss(
     for start in range(0, len(rows), batch_size):
         batch = collate([dataset[i] for i in rows[start : start + batch_size]], pad_token_id)
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        logits = model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-        ).logits
-        mask = batch["labels"] != IGNORE_INDEX
-        total[0] += masked_sum(token_cross_entropy(logits[..., :vocab_size], batch["labels"]), mask).double()
-        total[1] += mask.sum()
+        labels = batch["labels"][batch["labels"] != IGNORE_INDEX]  # [N]
+        logits = supervised_logits(model, batch, vocab_size)  # [N, V]
+        total[0] += token_cross_entropy(logits, labels).double().sum()
+        total[1] += labels.numel()
     total = accelerator.reduce(total, reduction="sum")
     model.train(was_training)
     return float(total[0] / total[1].clamp_min(1))
@@ -502,7 +502,7 @@ def train(config: Config) -> TrainResult:
             t1 = time.perf_counter()
             step_seconds["teacher"] += t1 - t0
             sync = k == len(micro_batches) - 1
-            with accelerator.no_sync(objective) if not sync else _nullcontext():
+            with accelerator.no_sync(objective) if not sync else contextlib.nullcontext():
                 loss = objective(batch, num_tokens, teacher_out, pretrain_batch, pretrain_tokens)
                 accelerator.backward(loss.total * world)
             step_seconds["student"] += time.perf_counter() - t1
@@ -592,14 +592,6 @@ def train(config: Config) -> TrainResult:
 
 # --------------------------------------------------------------------------------------------------------
 # Named steps of the loop.
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _unwrap(accelerator, objective) -> StudentObjective:
