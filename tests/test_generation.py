@@ -42,6 +42,15 @@ def llama_eager(llama_dir):
     return AutoModelForCausalLM.from_pretrained(str(llama_dir), attn_implementation="eager").eval()
 
 
+@pytest.fixture(scope="module")
+def opt(tiny_model_factory):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        str(tiny_model_factory("opt", seed=4, layers=2, hidden=32, heads=4))
+    ).eval()
+
+
 def left_padded_prompts(
     lengths: list[int], vocab: int = 512, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,7 +118,7 @@ def test_rows_without_eos_run_to_max_new_tokens():
     assert torch.equal(out, torch.tensor([[5, 6, 7, 8], [1, 3, PAD, PAD]]))
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "llama_eager"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "llama_eager", "opt"])
 def test_greedy_decoding_equals_hf_generate_with_left_padded_prompts(family, request):
     model = request.getfixturevalue(family)
     prompts, mask = left_padded_prompts([3, 11, 6, 1], seed=1)

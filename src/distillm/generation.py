@@ -21,16 +21,13 @@ from torch import Tensor, nn
 
 from distillm.config import GenerationConfig
 from distillm.data import collate
+from distillm.models import has_plain_head
 
 logger = logging.getLogger(__name__)
 
 # Heads of at least this many weights are applied as W @ h^T (see `_LastLogits`); below it F.linear is as fast.
 _TRANSPOSED_HEAD_MIN_SIZE = 1 << 22
 _TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
-
-# Model types whose ``ForCausalLM.forward`` is exactly ``lm_head(backbone(...).last_hidden_state)``: for them
-# we call the backbone and apply the head ourselves (see `_LastLogits`). Others go through the full forward.
-_PLAIN_HEAD_MODEL_TYPES = frozenset({"gpt2", "llama", "mistral", "qwen2", "qwen3"})
 
 
 def sample(
@@ -207,7 +204,7 @@ class _NgramBan:
 class _LastLogits:
     """One forward step that returns the last position's logits ``[B, V]`` (float32) and the KV cache.
 
-    For the model types in ``_PLAIN_HEAD_MODEL_TYPES`` with a plain ``nn.Linear`` head, the backbone is
+    For models with a plain linear head (``distillm.models.has_plain_head``), the backbone is
     called directly and the head is applied to the last hidden state as ``W @ h^T``: for a skinny ``[B, H]``
     input and a large head (vocab 49k x 576), MKL runs that product ~1.5-2x faster than ``h @ W^T``
     (``F.linear``), and the head is half of a decoding step on CPU. Small heads keep ``F.linear``. Other
@@ -226,8 +223,7 @@ class _LastLogits:
         hf_model = _unwrap(model)
         head = hf_model.get_output_embeddings() if hasattr(hf_model, "get_output_embeddings") else None
         config = getattr(hf_model, "config", None)
-        model_type = getattr(config, "model_type", None)
-        if model_type in _PLAIN_HEAD_MODEL_TYPES and type(head) is nn.Linear:
+        if head is not None and has_plain_head(hf_model):
             module, keep_last_only = hf_model.base_model, {}
         else:
             module, head = hf_model, None
