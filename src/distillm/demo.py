@@ -244,6 +244,7 @@ def _fresh_temporary(final: Path) -> Path:
 def write_data(out: Path, plan: DemoPlan) -> None:
     """The task suite's splits in ``out/data`` and a tokenizer trained on the rendered training rows."""
     from distillm.data import read_examples, render_prompt, write_task_suite
+    from distillm.data.template import template_segments
     from distillm.tokenizer import train_bpe_tokenizer
 
     data = _fresh_temporary(out / "data")
@@ -251,10 +252,11 @@ def write_data(out: Path, plan: DemoPlan) -> None:
         data, seed=plan.suite_seed, n_train=plan.n_train, n_dev=plan.n_dev, n_test=plan.n_test
     )
     examples, _ = read_examples(str(paths["train"]), "dolly")
-    # Trained on what the models read (template and response), so the template costs few tokens.
+    # Trained on what the models read (template and response); the template's fixed text is one token per
+    # segment, so that a prompt costs ~17 positions instead of ~60 and every stage runs ~2.5x faster.
     texts = [render_prompt(example, "alpaca") + example.references[0] for example in examples]
     tokenizer_dir = _fresh_temporary(out / "tokenizer")
-    tokenizer = train_bpe_tokenizer(texts, plan.vocab_size, tokenizer_dir)
+    tokenizer = train_bpe_tokenizer(texts, plan.vocab_size, tokenizer_dir, phrases=template_segments())
     logger.info(
         "task suite: %d/%d/%d rows; tokenizer: %d tokens",
         plan.n_train,
@@ -294,6 +296,12 @@ def build_models(out: Path, plan: DemoPlan) -> None:
             heads=shape.heads,
             positions=256,
             eos_token_id=tokenizer.eos_token_id,
+            # The same tanh-approximated GELU as GPT-2's gelu_new, as one fused kernel instead of a chain of
+            # Python-level operations; and no dropout, which only slows learning in runs this short.
+            activation_function="gelu_pytorch_tanh",
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
         )
         parameters = sum(p.numel() for p in model.parameters())
         logger.info(

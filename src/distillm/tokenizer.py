@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 EOS_TOKEN = "<|endoftext|>"
@@ -14,13 +14,20 @@ CHAT_TEMPLATE = (
 )
 
 
-def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path | None = None):
+def train_bpe_tokenizer(
+    texts: Iterable[str],
+    vocab_size: int,
+    out_dir: str | Path | None = None,
+    phrases: Sequence[str] = (),
+):
     """A GPT-2-style byte-level BPE tokenizer trained on ``texts``; EOS doubles as BOS and padding.
 
-    Returns a ``PreTrainedTokenizerFast``; when ``out_dir`` is given it is also saved there, so that
-    ``AutoTokenizer.from_pretrained(out_dir)`` loads it like any hub tokenizer.
+    ``phrases`` (say, a prompt template's fixed text) become one ordinary token each, added after the
+    ``vocab_size`` learned ones: wherever a phrase occurs in a text it is that single token, and decoding
+    gives it back verbatim. Returns a ``PreTrainedTokenizerFast``; when ``out_dir`` is given it is also saved
+    there, so that ``AutoTokenizer.from_pretrained(out_dir)`` loads it like any hub tokenizer.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     core = Tokenizer(models.BPE())
@@ -33,6 +40,9 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Pa
         show_progress=False,
     )
     core.train_from_iterator(texts, trainer=trainer)
+    if phrases:
+        # Not normalized and not special: matched on the raw text, and kept when decoding.
+        core.add_tokens([AddedToken(phrase, normalized=False, special=False) for phrase in phrases])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core,
         eos_token=EOS_TOKEN,

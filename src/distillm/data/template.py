@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 from distillm.errors import UserError
@@ -21,6 +22,21 @@ ALPACA_WITH_INPUT = (
     "Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n"
     "### Input:\n{input}\n\n### Response:\n"
 )
+
+
+def template_segments() -> tuple[str, ...]:
+    """The fixed text between the Alpaca templates' fields (the preamble up to the instruction, the Input and
+    Response headers), each once, longest first.
+
+    A tokenizer trained for the bundled demo holds each as one token, so that the ~40 template tokens of every
+    prompt cost 2-3 positions instead.
+    """
+    pieces: list[str] = []
+    for template in (ALPACA_WITH_INPUT, ALPACA_NO_INPUT):
+        for piece in re.split(r"\{instruction\}|\{input\}", template):
+            if piece and piece not in pieces:
+                pieces.append(piece)
+    return tuple(sorted(pieces, key=len, reverse=True))
 
 
 def render_prompt(example: Example, template: str = "alpaca", tokenizer=None) -> str:
