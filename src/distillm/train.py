@@ -593,9 +593,9 @@ def train(config: Config) -> TrainResult:
         # 2. Normalise by the supervised tokens of the whole step (all micro-batches, all processes), so
         #    that batch 4 x accumulation 1 and 2 x 2 give the same loss and gradient.
         num_tokens = _count_tokens(micro_batches, accelerator)
-        scale = backward_scale(
-            accelerator
-        )  # undoes the averaging over processes (and DeepSpeed's accumulation)
+        # Each process's loss is a share of the global token sum: undo the averaging over processes (DDP,
+        # DeepSpeed) and DeepSpeed's division by the accumulation steps.
+        scale = backward_scale(accelerator)
         logged = torch.zeros(4, device=accelerator.device)  # total, ce, divergence, lm
         for k, (batch, pretrain_batch) in enumerate(zip(micro_batches, pretrain_batches)):
             t0 = time.perf_counter()
