@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -72,8 +73,8 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "model.safetensors"))
 
 
-def assert_same_run(one: Path, two: Path) -> None:
-    assert len(losses(one)) == len(losses(two)) == 4
+def assert_same_run(one: Path, two: Path, steps: int = 4) -> None:
+    assert len(losses(one)) == len(losses(two)) == steps
     torch.testing.assert_close(torch.tensor(losses(two)), torch.tensor(losses(one)), rtol=LOSS_RTOL, atol=0)
     first, second = weights(one / "last"), weights(two / "last")
     assert first.keys() == second.keys()
@@ -113,43 +114,150 @@ def test_two_processes_of_batch_2_train_like_one_process_of_batch_4(
     assert moved > 100 * WEIGHT_ATOL
 
 
-def test_with_student_generation_both_processes_choose_the_same_source_each_step(
-    task_data, quiet_pair, tmp_path
-):
-    run = tmp_path / "mixed"
-    launch(
-        TORCHRUN,
-        overrides(
-            task_data,
-            quiet_pair,
-            run,
-            **{
-                "train.batch_size": 2,
-                "train.max_steps": 6,
-                "sources.kind": "mixed",
-                "sources.student_ratio": 0.5,
-            },
-        ),
-    )
-    summary = json.loads((run / "summary.json").read_text())
+# Student-generated sequences half of the time, and ROUGE-L (generations) at every evaluation.
+MIXED = {
+    "train.batch_size": 2,
+    "train.max_steps": 6,
+    "sources.kind": "mixed",
+    "sources.student_ratio": 0.5,
+    "train.eval_rouge": True,
+    "train.eval_rouge_rows": 4,
+}
+
+
+@pytest.fixture(scope="module")
+def mixed_run(task_data, quiet_pair, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("mixed") / "run"
+    launch(TORCHRUN, overrides(task_data, quiet_pair, run, **MIXED))
+    return run
+
+
+def test_with_student_generation_both_processes_choose_the_same_source_each_step(mixed_run):
+    summary = json.loads((mixed_run / "summary.json").read_text())
     assert summary["world_size"] == 2
     rank0, rank1 = summary["sources_by_rank"]
     assert rank0 == rank1
     assert {"dataset", "fresh"} <= set(rank0.split(","))  # both kinds occurred: the check is not vacuous
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (mixed_run / "metrics.jsonl").read_text().splitlines()]
     assert ",".join(r["sources"] for r in rows if "sources" in r) == rank0
 
 
-@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs the deepspeed extra")
-def test_deepspeed_zero2_on_two_cpu_processes_trains_like_one_process(
-    task_data, quiet_pair, one_process_run, tmp_path
+needs_deepspeed = pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None, reason="needs the deepspeed extra"
+)
+ACCELERATE = [str(Path(sys.executable).parent / "accelerate"), "launch"]
+
+
+def deepspeed_launcher(stage: int) -> list[str]:
+    return [*ACCELERATE, "--config_file", str(CONFIGS / "accelerate" / f"zero{stage}-cpu.yaml")]
+
+
+# 2 processes x micro-batch 1 x accumulation 2: the global batch of the 1-process reference (4), with
+# DeepSpeed owning the accumulation.
+ACCUMULATED = {"train.batch_size": 1, "train.grad_accum": 2}
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("stage", [1, 2])
+def test_deepspeed_zero_with_accumulation_on_two_cpu_processes_trains_like_one_process(
+    stage, task_data, quiet_pair, one_process_run, tmp_path
 ):
-    one, two = one_process_run, tmp_path / "zero2"
-    accelerate = [str(Path(sys.executable).parent / "accelerate"), "launch"]
-    launch(
-        [*accelerate, "--config_file", str(CONFIGS / "accelerate" / "zero2-cpu.yaml")],
-        overrides(task_data, quiet_pair, two, **{"train.batch_size": 2}),
-        timeout=400,
+    run = tmp_path / f"zero{stage}"
+    launch(deepspeed_launcher(stage), overrides(task_data, quiet_pair, run, **ACCUMULATED), timeout=400)
+    assert json.loads((run / "summary.json").read_text())["world_size"] == 2
+    assert_same_run(one_process_run, run)
+
+
+@pytest.fixture(scope="module")
+def zero3_run(task_data, quiet_pair, tmp_path_factory) -> Path:
+    """ZeRO-3, 2 processes, accumulation, the chunked loss (the partitioned lm_head read inside the
+    engine's forward); checkpoints at steps 2 and 4, both kept for the resume test."""
+    run = tmp_path_factory.mktemp("zero3") / "run"
+    extra = {**ACCUMULATED, "objective.chunk_size": 16, "train.save_every": 2, "train.keep_checkpoints": 2}
+    launch(deepspeed_launcher(3), overrides(task_data, quiet_pair, run, **extra), timeout=400)
+    return run
+
+
+@needs_deepspeed
+def test_deepspeed_zero3_on_two_cpu_processes_trains_like_one_process(one_process_run, zero3_run):
+    assert json.loads((zero3_run / "summary.json").read_text())["world_size"] == 2
+    # The reference computes full logits; the chunked loss is the same sum in another order.
+    assert_same_run(one_process_run, zero3_run)
+
+
+@needs_deepspeed
+def test_deepspeed_zero3_resumes_from_a_checkpoint_to_the_same_run(
+    task_data, quiet_pair, zero3_run, tmp_path
+):
+    """Cut the finished run back to its step-2 checkpoint (as if killed right after writing it), resume:
+    the optimizer partitions come back from the checkpoint's deepspeed/ folder, so steps 3-4 repeat exactly."""
+    from distillm.checkpoint import DEEPSPEED_STATE, list_checkpoints
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(zero3_run, resumed)
+    first, last = list_checkpoints(resumed)
+    assert [first.name, last.name] == ["step-0000002", "step-0000004"]
+    optimizer_partitions = sorted(p.name for p in (first / DEEPSPEED_STATE).rglob("*optim_states.pt"))
+    assert len(optimizer_partitions) == 2  # one per process
+    for later in (last, resumed / "last", resumed / "best", resumed / "summary.json"):
+        shutil.rmtree(later) if later.is_dir() else later.unlink()
+    extra = {**ACCUMULATED, "objective.chunk_size": 16, "train.save_every": 2, "train.keep_checkpoints": 2}
+    launch(deepspeed_launcher(3), overrides(task_data, quiet_pair, resumed, **extra), timeout=400)
+
+    assert json.loads((resumed / "summary.json").read_text())["world_size"] == 2
+    assert losses(resumed) == losses(zero3_run)  # rows of steps 1-2 kept, 3-4 recomputed
+    expected, got = weights(zero3_run / "last"), weights(resumed / "last")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+
+
+@needs_deepspeed
+def test_deepspeed_zero3_generates_from_the_student_like_data_parallel(
+    task_data, quiet_pair, mixed_run, tmp_path
+):
+    """Under ZeRO-3, generations (training sequences, ROUGE-L) come from a whole copy of the student
+    refreshed every step: the same samples, so the same losses and weights as the data-parallel run."""
+    run = tmp_path / "zero3-mixed"
+    launch(deepspeed_launcher(3), overrides(task_data, quiet_pair, run, **MIXED), timeout=400)
+
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert (
+        summary["sources_by_rank"] == json.loads((mixed_run / "summary.json").read_text())["sources_by_rank"]
     )
-    assert json.loads((two / "summary.json").read_text())["world_size"] == 2
-    assert_same_run(one, two)
+    assert_same_run(mixed_run, run, steps=MIXED["train.max_steps"])
+
+    # ROUGE-L of the untrained tiny student is 0, so only that the evaluations ran (each process generating
+    # from its copy, with no collective per token that could hang) is checked here.
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "dev_rougeL" in r] == [0, 2, 4, 6]
+
+
+@needs_deepspeed
+def test_a_deepspeed_checkpoint_is_not_resumed_without_deepspeed(task_data, quiet_pair, zero3_run, tmp_path):
+    """Its optimizer state lives in the engine's partitions; a plain run would silently start Adam afresh."""
+    from distillm.config import load_config
+    from distillm.errors import UserError
+    from distillm.train import train
+
+    run = tmp_path / "plain"
+    shutil.copytree(zero3_run / "checkpoints", run / "checkpoints")
+    config = load_config(
+        CONFIGS / "tiny" / "kd.yaml", overrides(task_data, quiet_pair, run, **{"train.max_steps": 6})
+    )
+    with pytest.raises(UserError, match="written under DeepSpeed"):
+        train(config)
+
+
+def test_an_fsdp_launch_without_a_gpu_is_refused(monkeypatch):
+    """accelerate shards with FSDP only over accelerator devices; on CPU it would silently run DDP."""
+    from distillm.config import load_config
+    from distillm.errors import UserError
+    from distillm.train import build_accelerator
+
+    if torch.cuda.is_available():
+        pytest.skip("FSDP runs where there is a GPU")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(UserError, match="FSDP needs GPUs"):
+        build_accelerator(load_config(CONFIGS / "tiny" / "kd.yaml", []))

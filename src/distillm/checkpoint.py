@@ -6,7 +6,8 @@ A run folder holds::
     metrics.jsonl              one JSON object per logged step / evaluation
     checkpoints/step-0000100/  resumable: the model in Hugging Face format (safetensors) + tokenizer +
                                trainer_state.pt (optimizer, scheduler, data position, every RNG state, the
-                               sources' state: replay buffer, phi, ...)
+                               sources' state: replay buffer, phi, ...); under DeepSpeed also deepspeed/,
+                               the engine's own checkpoint (every process's partition of the optimizer state)
     best/                      the best model so far by train.select_by (HF format, loadable as is)
     last/                      the final model (HF format)
 
@@ -31,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.pt"
+DEEPSPEED_STATE = "deepspeed"  # the DeepSpeed engine's checkpoint, inside a step's folder
 _PREFIX = "step-"
 
 
@@ -123,6 +125,19 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def staging_folder(run_dir: str | Path, step: int) -> Path:
+    """The temporary folder in which ``step``'s checkpoint is assembled before it is renamed into place."""
+    return Path(run_dir) / CHECKPOINTS / f".tmp-{checkpoint_name(step)}"
+
+
+def stage_checkpoint(run_dir: str | Path, step: int) -> Path:
+    """Create ``step``'s staging folder empty, for other processes to write into before ``save_checkpoint``."""
+    tmp = staging_folder(run_dir, step)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
@@ -131,14 +146,16 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     keep: int = 1,
     state_dict: dict | None = None,
+    staged: bool = False,
 ) -> Path:
-    """A resumable checkpoint of ``step``; keeps the newest ``keep`` and removes older ones."""
+    """A resumable checkpoint of ``step``; keeps the newest ``keep`` and removes older ones.
+
+    ``staged``: the staging folder was made by ``stage_checkpoint`` and already holds files (DeepSpeed's
+    partitioned state); they are published together with the rest.
+    """
     root = Path(run_dir) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
-    tmp = root / f".tmp-{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = staging_folder(run_dir, step) if staged else stage_checkpoint(run_dir, step)
     model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(str(tmp))
     torch.save({**trainer_state, "rng": capture_rng_state(), "step": step}, tmp / TRAINER_STATE)

@@ -26,6 +26,7 @@ import torch
 
 from distillm import IGNORE_INDEX
 from distillm.checkpoint import (
+    DEEPSPEED_STATE,
     capture_rng_state,
     latest_checkpoint,
     load_model_weights,
@@ -33,6 +34,8 @@ from distillm.checkpoint import (
     restore_rng_state,
     save_checkpoint,
     save_model,
+    stage_checkpoint,
+    staging_folder,
 )
 from distillm.config import Config, save_config
 from distillm.errors import UserError
@@ -132,7 +135,7 @@ def build_accelerator(config: Config):
     multi-process launch silently runs independent single-process jobs (see docs/distributed.md).
 
     Under ``accelerate launch`` with a DeepSpeed config, ``cpu=True`` would silently turn DeepSpeed off, so
-    without a GPU DeepSpeed gets the gloo backend instead.
+    without a GPU DeepSpeed gets the gloo backend instead. An FSDP config without a GPU is refused.
     """
     import os
 
@@ -143,6 +146,14 @@ def build_accelerator(config: Config):
     log_with = list(config.train.report_to) or None
     gpu = torch.cuda.is_available()
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not gpu:
+        # accelerate turns FSDP on only over an accelerator device; on CPU it would silently fall back to
+        # plain data parallelism (cpu=True) or to independent single-process jobs.
+        raise UserError(
+            "FSDP needs GPUs: accelerate does not shard over CPU processes. Without a GPU use "
+            "configs/accelerate/zero3-cpu.yaml (DeepSpeed ZeRO-3 shards on CPU), or torchrun for plain data "
+            "parallelism (docs/distributed.md)"
+        )
     return Accelerator(
         cpu=not gpu and not deepspeed,
         mixed_precision=mixed,
@@ -153,36 +164,113 @@ def build_accelerator(config: Config):
 
 
 def configure_deepspeed(accelerator, config: Config) -> None:
-    """Give DeepSpeed the batch geometry it needs before ``prepare``; refuse what the loop cannot do under it.
+    """Give DeepSpeed the batch geometry it needs before ``prepare``.
 
-    The loop hands DeepSpeed no DataLoader, so the micro-batch size is set here; clipping moves into the
-    engine. Accumulation is refused because accelerate steps the engine at every backward outside
-    ``accelerator.accumulate``, and ZeRO-3 partitions the student's lm_head, which the chunked loss reads
-    outside the head's own forward.
+    The loop hands DeepSpeed no DataLoader, so the micro-batch size and the accumulation steps are set here
+    (the loop marks the last micro-batch of a step with ``micro_batch``); clipping moves into the engine.
     """
     plugin = accelerator.state.deepspeed_plugin
     if plugin is None:
         return
-    if config.train.grad_accum > 1:
-        raise UserError(
-            f"train.grad_accum={config.train.grad_accum} is not supported under DeepSpeed; raise "
-            "train.batch_size or the number of processes instead (docs/distributed.md)"
-        )
-    if plugin.zero_stage == 3 and config.objective.chunk_size > 0:
-        raise UserError(
-            f"objective.chunk_size={config.objective.chunk_size} needs the student's whole lm_head, which "
-            "ZeRO-3 partitions; set objective.chunk_size=0 or use ZeRO-2 (docs/distributed.md)"
-        )
-    if config.train.resume and latest_checkpoint(config.train.output_dir) is not None:
-        raise UserError(
-            f"{config.train.output_dir} holds a checkpoint, and resuming under DeepSpeed is not supported "
-            "(its optimizer state is partitioned); start a new train.output_dir or resume without DeepSpeed"
-        )
+    # Under ZeRO-3 the chunked loss reads the student's partitioned lm_head inside the engine's forward,
+    # where DeepSpeed gathers a parameter used outside its own module and registers it as external to the
+    # module running (StudentObjective); its gradient, computed in forward, is reduce-scattered as usual.
     ds = plugin.deepspeed_config
     ds["train_micro_batch_size_per_gpu"] = config.train.batch_size
-    ds["gradient_accumulation_steps"] = 1
-    ds["train_batch_size"] = config.train.batch_size * accelerator.num_processes
+    ds["gradient_accumulation_steps"] = config.train.grad_accum
+    ds["train_batch_size"] = config.train.batch_size * config.train.grad_accum * accelerator.num_processes
     ds["gradient_clipping"] = config.train.clip_grad  # 0 turns it off, as train.clip_grad=0 does
+
+
+def backward_scale(accelerator) -> int:
+    """What each micro-batch's loss is multiplied by before ``accelerator.backward``.
+
+    The loss is already a share of the whole step's token mean (all micro-batches, all processes). DDP and
+    DeepSpeed average gradients over processes, and DeepSpeed divides each micro-batch's loss by its
+    accumulation steps; both assume per-micro-batch means, so both are undone here.
+    """
+    plugin = accelerator.state.deepspeed_plugin
+    accumulation = plugin.deepspeed_config["gradient_accumulation_steps"] if plugin is not None else 1
+    return accelerator.num_processes * accumulation
+
+
+@contextlib.contextmanager
+def micro_batch(accelerator, objective, last: bool):
+    """One micro-batch's forward and backward; gradients are synchronised on the step's last one only.
+
+    DDP skips its all-reduce under ``no_sync``. accelerate steps a DeepSpeed engine inside every backward
+    unless ``sync_gradients`` is off, which also tells the engine where the accumulation boundary is.
+    """
+    deepspeed = accelerator.state.deepspeed_plugin is not None
+    if deepspeed:
+        accelerator.sync_gradients = last
+    try:
+        with accelerator.no_sync(objective) if not last else contextlib.nullcontext():
+            yield
+    finally:
+        if deepspeed:
+            accelerator.sync_gradients = True
+
+
+@contextlib.contextmanager
+def loading_whole_models(accelerator):
+    """Load models whole on every process, even under ZeRO-3.
+
+    accelerate registers its ZeRO-3 config with transformers whatever ``zero3_init_flag`` says, and
+    ``from_pretrained`` then partitions every model at load. The frozen teacher must stay whole (it runs
+    outside the engine), and a whole student lets the vocabulary checks and resuming read its weights
+    before the engine partitions it in ``prepare``.
+    """
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None or plugin.zero_stage != 3:
+        yield
+        return
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
+
+
+def _is_zero3(accelerator) -> bool:
+    plugin = accelerator.state.deepspeed_plugin
+    return plugin is not None and plugin.zero_stage == 3
+
+
+class WholeStudent:
+    """Under ZeRO-3, a whole copy of the student for what runs outside the engine's forward.
+
+    Evaluation, ROUGE-L generations and student-generated training sequences apply the student's lm_head
+    outside its own module (supervised positions only, a head-only decoding step), where ZeRO-3 has not
+    gathered it, and generations of different lengths would make the processes' gathers disagree. So
+    those run on a plain copy, refreshed from the engine's partitioned weights when they changed.
+    """
+
+    def __init__(self, student: torch.nn.Module):
+        import copy
+
+        self.model = copy.deepcopy(student)
+        self.step: int | None = None
+
+    def refreshed(self, objective_student: torch.nn.Module, step: int) -> torch.nn.Module:
+        """The copy holding the weights of optimizer step ``step`` (call on every process: it gathers)."""
+        if self.step != step:
+            import deepspeed
+
+            params = list(objective_student.parameters())
+            with deepspeed.zero.GatheredParameters(params):  # whole on every process inside the block
+                for mine, theirs in zip(self.model.parameters(), params, strict=True):
+                    mine.data.copy_(theirs.data)
+            self.step = step
+        return self.model
+
+
+def _student_outside_engine(accelerator, objective, whole: WholeStudent | None, step: int):
+    """The student to evaluate or sample from: the engine's own, or under ZeRO-3 the refreshed copy."""
+    student = _unwrap(accelerator, objective).student
+    return whole.refreshed(student, step) if whole is not None else student
 
 
 def _sharded(accelerator) -> bool:
@@ -386,7 +474,8 @@ def train(config: Config) -> TrainResult:
     accelerator.wait_for_everyone()
     seed_everything(config.seed + accelerator.process_index)  # distinct dropout per process, as the original
 
-    tokenizer, student, teacher, vocab_size = load_models(config, accelerator.device)
+    with loading_whole_models(accelerator):
+        tokenizer, student, teacher, vocab_size = load_models(config, accelerator.device)
     with accelerator.main_process_first():  # one process tokenizes into the cache, the others reuse it
         data = load_data(config, tokenizer, cache_dir)
     from distillm.data import collate
@@ -420,7 +509,14 @@ def train(config: Config) -> TrainResult:
     if checkpoint is not None:
         load_model_weights(student, checkpoint)
         saved = load_trainer_state(checkpoint)
-        optimizer.load_state_dict(saved["optimizer"])
+        if saved["optimizer"] is not None:
+            optimizer.load_state_dict(saved["optimizer"])
+        elif accelerator.state.deepspeed_plugin is None:  # the engine holds it: restored after prepare
+            raise UserError(
+                f"{checkpoint} was written under DeepSpeed (its optimizer state is in {DEEPSPEED_STATE}/); "
+                "resume it with the same DeepSpeed config and number of processes, or start a new "
+                "train.output_dir"
+            )
         scheduler.load_state_dict(saved["scheduler"])
         mine = _this_process_state(saved, accelerator, checkpoint)
         sources.load_state_dict(mine["sources"])
@@ -428,7 +524,10 @@ def train(config: Config) -> TrainResult:
         logger.info("resumed from %s (step %d)", checkpoint, state.step)
 
     configure_deepspeed(accelerator, config)
+    whole = WholeStudent(student) if _is_zero3(accelerator) else None
     objective, optimizer = accelerator.prepare(objective, optimizer)
+    if checkpoint is not None and accelerator.state.deepspeed_plugin is not None:
+        _load_engine_state(objective, checkpoint)
     if checkpoint is not None:
         restore_rng_state(_this_process_state(load_trainer_state(checkpoint), accelerator, checkpoint)["rng"])
     if config.train.report_to:
@@ -441,6 +540,7 @@ def train(config: Config) -> TrainResult:
     all_sources: list[str] = []  # this process's source of every micro-batch, to check that ranks agree
     last_dev_loss = None
     pad = tokenizer.pad_token_id
+    samples_student = config.sources.kind != "dataset" and config.sources.generator == "student"
 
     from tqdm.auto import tqdm
 
@@ -454,22 +554,26 @@ def train(config: Config) -> TrainResult:
     if checkpoint is None and data.dev is not None:
         # The reference point: the adaptive schedule compares later dev losses with this one, and the
         # curves in metrics.jsonl start from the untrained student.
-        evaluation = _evaluate(config, accelerator, objective, tokenizer, data, vocab_size, 0)
+        evaluated = _student_outside_engine(accelerator, objective, whole, state.step)
+        evaluation = _evaluate(config, accelerator, evaluated, tokenizer, data, vocab_size, 0)
         sources.on_evaluation(evaluation["dev_loss"])
         metrics.write({"step": 0, **evaluation, **sources.describe()})
     step_start = time.perf_counter()
     while state.step < total_steps:
         # 1. This step's micro-batches: dataset rows, then the sources decide what is trained on.
         micro_batches, step_sources = [], []
+        sampling_student = (
+            _student_outside_engine(accelerator, objective, whole, state.step)
+            if samples_student
+            else _unwrap(accelerator, objective).student
+        )
         step_seconds = dict.fromkeys(("generation", "teacher", "student"), 0.0)
         for _ in range(config.train.grad_accum):
             epoch, index = state.data.advance(order)
             rows = [data.train[i] for i in order.indices(epoch, index)]
             dataset_batch = collate(rows, pad)
             t0 = time.perf_counter()
-            batch, source = sources.next_batch(
-                dataset_batch, state.step, _unwrap(accelerator, objective).student
-            )
+            batch, source = sources.next_batch(dataset_batch, state.step, sampling_student)
             step_seconds["generation"] += time.perf_counter() - t0 if source != "dataset" else 0.0
             micro_batches.append({k: v.to(accelerator.device) for k, v in batch.items()})
             step_sources.append(source)
@@ -489,8 +593,9 @@ def train(config: Config) -> TrainResult:
         # 2. Normalise by the supervised tokens of the whole step (all micro-batches, all processes), so
         #    that batch 4 x accumulation 1 and 2 x 2 give the same loss and gradient.
         num_tokens = _count_tokens(micro_batches, accelerator)
-        # DDP averages gradients over processes; each process's loss is a share of the global token sum.
-        world = accelerator.num_processes
+        # Each process's loss is a share of the global token sum: undo the averaging over processes (DDP,
+        # DeepSpeed) and DeepSpeed's division by the accumulation steps.
+        scale = backward_scale(accelerator)
         logged = torch.zeros(4, device=accelerator.device)  # total, ce, divergence, lm
         for k, (batch, pretrain_batch) in enumerate(zip(micro_batches, pretrain_batches)):
             t0 = time.perf_counter()
@@ -501,10 +606,9 @@ def train(config: Config) -> TrainResult:
             )
             t1 = time.perf_counter()
             step_seconds["teacher"] += t1 - t0
-            sync = k == len(micro_batches) - 1
-            with accelerator.no_sync(objective) if not sync else contextlib.nullcontext():
+            with micro_batch(accelerator, objective, last=k == len(micro_batches) - 1):
                 loss = objective(batch, num_tokens, teacher_out, pretrain_batch, pretrain_tokens)
-                accelerator.backward(loss.total * world)
+                accelerator.backward(loss.total * scale)
             step_seconds["student"] += time.perf_counter() - t1
             logged += torch.stack([loss.total.detach(), loss.ce, loss.divergence, loss.lm]).float()
 
@@ -554,7 +658,8 @@ def train(config: Config) -> TrainResult:
 
         if state.step % eval_every == 0 or state.step == total_steps:
             t0 = time.perf_counter()
-            evaluation = _evaluate(config, accelerator, objective, tokenizer, data, vocab_size, state.step)
+            evaluated = _student_outside_engine(accelerator, objective, whole, state.step)
+            evaluation = _evaluate(config, accelerator, evaluated, tokenizer, data, vocab_size, state.step)
             seconds["evaluation"] += time.perf_counter() - t0
             last_dev_loss = evaluation.get("dev_loss", last_dev_loss)
             if "dev_loss" in evaluation:
@@ -598,10 +703,9 @@ def _unwrap(accelerator, objective) -> StudentObjective:
     return accelerator.unwrap_model(objective)
 
 
-def _evaluate(config, accelerator, objective, tokenizer, data, vocab_size, step) -> dict[str, float]:
+def _evaluate(config, accelerator, student, tokenizer, data, vocab_size, step) -> dict[str, float]:
     from distillm.data import collate
 
-    student = _unwrap(accelerator, objective).student
     result: dict[str, float] = {}
     if data.dev is not None:
         result["dev_loss"] = dev_loss(
@@ -656,9 +760,19 @@ def _save(config, accelerator, objective, tokenizer, optimizer, scheduler, sourc
     weights = _student_state_dict(accelerator, objective)
     # Each process has its own replay buffer, sampling stream and RNG: all of them go into the checkpoint.
     per_process = _gather_to_main(accelerator, {"sources": sources.state_dict(), "rng": capture_rng_state()})
+    deepspeed = accelerator.state.deepspeed_plugin is not None
+    if deepspeed:
+        # Each process writes its partition of the optimizer state into the folder being assembled; rank 0
+        # then adds the rest and renames the whole folder into place.
+        if accelerator.is_main_process:
+            stage_checkpoint(out, state.step)
+        accelerator.wait_for_everyone()
+        engine_folder = staging_folder(out, state.step) / DEEPSPEED_STATE
+        objective.save_checkpoint(str(engine_folder), tag=_ENGINE_TAG, save_latest=False)
+        accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         trainer_state = {
-            "optimizer": optimizer.state_dict(),
+            "optimizer": None if deepspeed else optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "processes": per_process,
             "train": _state_to_dict(state),
@@ -672,8 +786,27 @@ def _save(config, accelerator, objective, tokenizer, optimizer, scheduler, sourc
             trainer_state,
             keep=config.train.keep_checkpoints,
             state_dict=weights,
+            staged=deepspeed,
         )
     accelerator.wait_for_everyone()
+
+
+_ENGINE_TAG = "engine"
+
+
+def _load_engine_state(engine, checkpoint: Path) -> None:
+    """Restore a DeepSpeed engine (this process's optimizer partition included) from a distillm checkpoint."""
+    folder = checkpoint / DEEPSPEED_STATE
+    if not (folder / _ENGINE_TAG).is_dir():
+        raise UserError(
+            f"{checkpoint} holds no DeepSpeed state ({folder}/{_ENGINE_TAG}): it was written without DeepSpeed. "
+            "Resume it without DeepSpeed, or start a new train.output_dir"
+        )
+    path, _ = engine.load_checkpoint(
+        str(folder), tag=_ENGINE_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+    )
+    if path is None:
+        raise UserError(f"DeepSpeed could not load {folder}/{_ENGINE_TAG}; start a new train.output_dir")
 
 
 def _gather_to_main(accelerator, payload: dict[str, Any]) -> list[dict[str, Any]]:
