@@ -8,6 +8,7 @@ hidden states chunk by chunk instead of building full logits.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -59,6 +60,12 @@ _MAX_GROUPS = 4
 
 
 def length_groups(lengths: list[int]) -> list[list[int]]:
+    """Rows grouped by length (see ``_length_groups``); a fresh list, so callers may change it."""
+    return [list(group) for group in _length_groups(tuple(lengths))]
+
+
+@functools.lru_cache(maxsize=64)  # the teacher and the student ask about the same batch
+def _length_groups(lengths: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
     """Rows of a right-padded batch, grouped so that padding each group to its own longest row wastes least.
 
     Rows are sorted by length and cut into at most ``_MAX_GROUPS`` runs, minimising the padded positions
@@ -84,9 +91,9 @@ def length_groups(lengths: list[int]) -> list[list[int]]:
     groups, end = [], len(order)
     while k > 0:
         start = cut[k][end]
-        groups.append(sorted(order[start:end]))
+        groups.append(tuple(sorted(order[start:end])))
         k, end = k - 1, start
-    return groups[::-1]
+    return tuple(groups[::-1])
 
 
 def supervised_hidden_states(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
