@@ -133,3 +133,37 @@ def test_on_a_gpu_in_bf16_the_chunked_and_dense_losses_and_gradients_agree(tiny_
         results[chunk] = (loss.total.float().item(), student.lm_head.weight.grad.float())
     assert results[16][0] == pytest.approx(results[0][0], rel=2e-2)  # bf16: about 3 significant digits
     torch.testing.assert_close(results[16][1], results[0][1], rtol=5e-2, atol=1e-3)
+
+
+def test_loading_swaps_gpt2_gelu_new_for_the_fused_kernel_with_the_same_outputs_and_config(
+    tiny_model_factory, tmp_path
+):
+    from transformers import AutoModelForCausalLM
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    from distillm.models import load_causal_lm
+
+    folder = tiny_model_factory("gpt2", seed=3, layers=2, hidden=32, heads=2)
+    reference = AutoModelForCausalLM.from_pretrained(str(folder)).eval()  # HF's own gelu_new modules
+    model = load_causal_lm(str(folder)).eval()
+    assert sum(isinstance(m, NewGELUActivation) for m in reference.modules()) == 2
+    assert not any(isinstance(m, NewGELUActivation) for m in model.modules())
+    assert sum(isinstance(m, GELUTanh) for m in model.modules()) == 2
+
+    x = torch.randn(10_000) * 4  # the activation alone, against the formula in float64
+    expected = (
+        0.5 * x.double() * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (x.double() + 0.044715 * x.double() ** 3)))
+    )
+    assert (GELUTanh()(x).double() - expected).abs().max() < 1e-5
+
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    out, ref = model(input_ids=ids, labels=ids), reference(input_ids=ids, labels=ids)
+    torch.testing.assert_close(out.logits, ref.logits)  # float32 rounding-level tolerances
+    out.loss.backward()
+    ref.loss.backward()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+
+    model.save_pretrained(str(tmp_path / "saved"))
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert saved["activation_function"] == "gelu_new"  # the saved model is unchanged

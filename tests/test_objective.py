@@ -83,3 +83,74 @@ def test_the_chunked_path_refuses_a_model_whose_head_it_cannot_apply(model, batc
     objective = StudentObjective(model, ObjectiveConfig(chunk_size=4), model.config.vocab_size)
     with pytest.raises(UserError, match="objective.chunk_size=0"):
         objective(batch, torch.tensor(4))
+
+
+@pytest.mark.parametrize(
+    "lengths",
+    [[7, 7, 7, 7], [3], [100, 10, 10, 10], [75, 40, 60, 50, 117, 55, 66, 70, 45, 52, 60, 61, 58, 49, 80, 66]],
+)
+def test_length_groups_cover_every_row_once_and_never_pad_more_than_the_whole_batch(lengths):
+    from distillm.objective import length_groups
+
+    groups = length_groups(lengths)
+    assert sorted(r for group in groups for r in group) == list(range(len(lengths)))
+    padded = sum(len(group) * max(lengths[r] for r in group) for group in groups)
+    assert padded <= len(lengths) * max(lengths)
+    if len(set(lengths)) == 1:
+        assert len(groups) == 1  # nothing to save: one forward
+
+
+def test_rows_of_very_different_lengths_are_split_and_one_long_row_runs_alone():
+    from distillm.objective import length_groups
+
+    assert length_groups([100, 10, 10, 10]) == [[1, 2, 3], [0]]  # 130 positions instead of 400
+
+
+@pytest.fixture
+def uneven_batch(tiny_tokenizer):
+    """Two short rows and a long one: the supervised states are computed in two sub-batches."""
+    encode = lambda text: tiny_tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    eos = tiny_tokenizer.eos_token_id
+    long_prompt = encode(" ".join(["sort these words and count them"] * 6))
+    return collate(
+        [
+            (encode("count"), encode(" 3") + [eos]),
+            (long_prompt, encode(" done") + [eos]),
+            (encode("a"), [eos]),
+        ],
+        tiny_tokenizer.pad_token_id,
+    )
+
+
+def test_supervised_states_of_an_uneven_batch_match_the_full_forward_in_value_and_gradient(
+    model, uneven_batch
+):
+    from distillm.objective import length_groups, supervised_hidden_states
+
+    lengths = uneven_batch["attention_mask"].sum(-1).tolist()
+    assert len(length_groups(lengths)) > 1  # the split path is the one under test
+    mask = uneven_batch["labels"] != IGNORE_INDEX
+    model.zero_grad()
+    full = model.transformer(
+        input_ids=uneven_batch["input_ids"], attention_mask=uneven_batch["attention_mask"]
+    ).last_hidden_state[mask]  # the reference: one forward over the padded batch
+    weights = torch.randn_like(full)
+    (full * weights).sum().backward()
+    expected_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    grouped = supervised_hidden_states(model, uneven_batch)
+    (grouped * weights).sum().backward()
+    torch.testing.assert_close(grouped, full)
+    for grad, expected in zip((p.grad for p in model.parameters()), expected_grads):
+        torch.testing.assert_close(grad, expected)
+
+
+def test_a_left_padded_batch_is_not_cut_and_still_gives_the_full_forward_states(model, uneven_batch):
+    from distillm.objective import supervised_hidden_states
+
+    flipped = {k: uneven_batch[k].flip(-1) for k in ("input_ids", "attention_mask", "labels")}  # left padding
+    mask = flipped["labels"] != IGNORE_INDEX
+    full = model.transformer(
+        input_ids=flipped["input_ids"], attention_mask=flipped["attention_mask"]
+    ).last_hidden_state[mask]
+    torch.testing.assert_close(supervised_hidden_states(model, flipped), full)

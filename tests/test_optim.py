@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 from torch import nn
 
 from distillm.config import TrainConfig
@@ -73,3 +74,27 @@ def test_scheduler_drives_the_optimizer_learning_rate():
         rates.append(optimizer.param_groups[0]["lr"])
     assert rates == pytest.approx([0.1 * lr_factor(s, 4, config) for s in range(1, 5)])
     assert rates[-1] == pytest.approx(0.0)
+
+
+def test_the_optimizer_is_fused_on_cpu_and_steps_like_the_plain_loop_implementation():
+    # The same seed gives the same weights; eval mode: no dropout, so both see the same gradients.
+    model = build_small_model("gpt2", vocab_size=64, layers=1, hidden=16, heads=2).eval()
+    reference = build_small_model("gpt2", vocab_size=64, layers=1, hidden=16, heads=2).eval()
+    config = TrainConfig(lr=1e-2, weight_decay=0.1)
+    fused = build_optimizer(model, config)
+    plain = torch.optim.AdamW(
+        parameter_groups(reference, config.weight_decay),
+        lr=config.lr,
+        betas=config.adam_betas,
+        eps=config.adam_eps,
+        foreach=False,
+    )
+    assert fused.defaults["fused"] is True
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        for m, optimizer in ((model, fused), (reference, plain)):
+            m(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q)

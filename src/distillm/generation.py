@@ -149,7 +149,8 @@ def _sample_categorical(probs: Tensor, generator: torch.Generator | None, block:
     the bins stay exact: a float64 cumsum over the whole vocabulary alone costs ~10 ms at V = 49k on CPU.
     """
     batch, vocab = probs.shape
-    blocks = F.pad(probs, (0, (-vocab) % block)).view(batch, -1, block)  # [B, nb, block], zero-padded
+    padding = (-vocab) % block
+    blocks = (F.pad(probs, (0, padding)) if padding else probs).view(batch, -1, block)  # [B, nb, block]
     block_cdf = blocks.sum(-1, dtype=torch.float64).cumsum(-1)  # [B, nb]
     rand_device = generator.device if generator is not None else probs.device
     u = torch.rand(batch, 1, generator=generator, dtype=torch.float64, device=rand_device).to(probs.device)

@@ -8,6 +8,7 @@ hidden states chunk by chunk instead of building full logits.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -52,6 +53,80 @@ def decoder_hidden_states(model: nn.Module, input_ids: Tensor, attention_mask: T
     return base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
 
+# An extra sub-batch (one more forward call) is only worth it if it skips this share of the batch's padded
+# token positions: a call has a fixed cost (Python module overhead on CPU, kernel launches on GPU).
+_MIN_SAVING_PER_GROUP = 0.1
+_MAX_GROUPS = 4
+
+
+def length_groups(lengths: list[int]) -> list[list[int]]:
+    """Rows grouped by length (see ``_length_groups``); a fresh list, so callers may change it."""
+    return [list(group) for group in _length_groups(tuple(lengths))]
+
+
+@functools.lru_cache(maxsize=64)  # the teacher and the student ask about the same batch
+def _length_groups(lengths: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    """Rows of a right-padded batch, grouped so that padding each group to its own longest row wastes least.
+
+    Rows are sorted by length and cut into at most ``_MAX_GROUPS`` runs, minimising the padded positions
+    computed (sum over groups of rows x longest row) plus ``_MIN_SAVING_PER_GROUP`` of the whole batch's
+    positions per extra group. Returns the groups' row indices (ascending within a group); one group holding
+    every row when splitting does not pay.
+    """
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    ordered = [lengths[i] for i in order]
+    penalty = _MIN_SAVING_PER_GROUP * len(lengths) * max(lengths)
+    # best[k][j]: least cost of the j shortest rows in k groups; cut[k][j]: where its last group starts.
+    inf = float("inf")
+    best = [[inf] * (len(order) + 1) for _ in range(_MAX_GROUPS + 1)]
+    cut = [[0] * (len(order) + 1) for _ in range(_MAX_GROUPS + 1)]
+    best[0][0] = 0.0
+    for k in range(1, _MAX_GROUPS + 1):
+        for j in range(1, len(order) + 1):
+            for i in range(j):  # the last group: sorted rows i .. j-1, padded to the longest, ordered[j-1]
+                cost = best[k - 1][i] + (j - i) * ordered[j - 1] + (penalty if k > 1 else 0.0)
+                if cost < best[k][j]:
+                    best[k][j], cut[k][j] = cost, i
+    k = min(range(1, _MAX_GROUPS + 1), key=lambda g: best[g][len(order)])
+    groups, end = [], len(order)
+    while k > 0:
+        start = cut[k][end]
+        groups.append(tuple(sorted(order[start:end])))
+        k, end = k - 1, start
+    return tuple(groups[::-1])
+
+
+def supervised_hidden_states(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """Final hidden states [N, H] at the N supervised positions of ``batch``, in row-major order.
+
+    In a right-padded batch (the batch contract) a causal LM's real tokens never attend to the padding after
+    them, so a row's states do not depend on how much padding follows it. Rows of very different lengths
+    are therefore run in sub-batches of similar length (``length_groups``), each cut to its own longest
+    row: the same states up to float rounding, with less work spent on padding (a third fewer positions on
+    the bundled tasks' batches of 16). A batch whose labels reach into padding, or that is not right-padded,
+    runs as one forward.
+    """
+    mask = batch["labels"] != IGNORE_INDEX  # [B, T]
+    attention = batch["attention_mask"]  # [B, T]
+    lengths = attention.sum(-1)  # [B]
+    right_padded = torch.arange(attention.shape[1], device=attention.device) < lengths[:, None]  # [B, T]
+    contract = torch.equal(attention.bool(), right_padded) and torch.equal(mask & right_padded, mask)
+    lengths_list = lengths.tolist()
+    groups = length_groups(lengths_list) if contract else []
+    if len(groups) <= 1:
+        return decoder_hidden_states(model, batch["input_ids"], attention)[mask]
+    destination = (mask.flatten().cumsum(0) - 1).view_as(mask)  # [B, T]: each position's row in the result
+    parts, destinations = [], []
+    for rows in groups:
+        width = max(lengths_list[r] for r in rows)
+        index = torch.tensor(rows, device=mask.device)
+        hidden = decoder_hidden_states(model, batch["input_ids"][index, :width], attention[index, :width])
+        group_mask = mask[index, :width]  # [b, width]
+        parts.append(hidden[group_mask])
+        destinations.append(destination[index, :width][group_mask])
+    return torch.cat(parts)[torch.cat(destinations).argsort()]  # [N, H], back in the batch's order
+
+
 def output_head(model: nn.Module, vocab_size: int) -> tuple[Tensor, Tensor | None]:
     """The lm_head's weight [V, H] (and bias) restricted to the first ``vocab_size`` rows."""
     head = unwrap_peft(model).get_output_embeddings()
@@ -66,11 +141,11 @@ def supervised_logits(model: nn.Module, batch: dict[str, Tensor], vocab_size: in
     is applied to the supervised hidden states alone: typically a tenth of the [B, T, V] a full forward
     computes. Other models run their full forward and the rows are selected afterwards.
     """
-    mask = batch["labels"] != IGNORE_INDEX  # [B, T]
     if has_plain_head(model):
-        hidden = decoder_hidden_states(model, batch["input_ids"], batch["attention_mask"])[mask]  # [N, H]
+        hidden = supervised_hidden_states(model, batch)  # [N, H]
         weight, bias = output_head(model, vocab_size)
         return F.linear(hidden, weight, bias)  # [N, V]
+    mask = batch["labels"] != IGNORE_INDEX  # [B, T]
     logits = model(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
     ).logits
@@ -85,10 +160,8 @@ def teacher_forward(
     if not chunked:
         return TeacherOutput(logits=supervised_logits(teacher, batch, vocab_size))
     _require_plain_head(teacher, "teacher")
-    hidden = decoder_hidden_states(teacher, batch["input_ids"], batch["attention_mask"])  # [B, T, H]
-    mask = batch["labels"] != IGNORE_INDEX
     weight, bias = output_head(teacher, vocab_size)
-    return TeacherOutput(hidden=hidden[mask], head_weight=weight, head_bias=bias)
+    return TeacherOutput(hidden=supervised_hidden_states(teacher, batch), head_weight=weight, head_bias=bias)
 
 
 def _require_plain_head(model: nn.Module, role: str) -> None:
@@ -147,9 +220,7 @@ class StudentObjective(nn.Module):
                 teacher_logits=teacher.logits if teacher is not None else None,
             )
         _require_plain_head(self.student, "student")
-        hidden = decoder_hidden_states(self.student, batch["input_ids"], batch["attention_mask"])[
-            mask
-        ]  # [N, H]
+        hidden = supervised_hidden_states(self.student, batch)  # [N, H]
         weight, bias = output_head(self.student, self.vocab_size)
         return chunked_distillation_loss(
             hidden,
