@@ -154,3 +154,26 @@ def test_a_left_padded_batch_is_not_cut_and_still_gives_the_full_forward_states(
         input_ids=flipped["input_ids"], attention_mask=flipped["attention_mask"]
     ).last_hidden_state[mask]
     torch.testing.assert_close(supervised_hidden_states(model, flipped), full)
+
+
+def test_without_length_grouping_an_uneven_batch_runs_as_exactly_one_forward(model, uneven_batch):
+    # Sharded students (ZeRO-3, FSDP) gather parameters per forward: every process must run the same number.
+    from distillm.objective import supervised_hidden_states
+
+    calls = []
+    hook = model.transformer.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        grouped = supervised_hidden_states(model, uneven_batch)
+        assert len(calls) > 1  # the default splits this batch
+        calls.clear()
+        single = supervised_hidden_states(model, uneven_batch, group_lengths=False)
+        assert len(calls) == 1
+        calls.clear()
+        config = ObjectiveConfig(divergence=None, kd_ratio=0.0)
+        StudentObjective(model, config, model.config.vocab_size, group_lengths=False)(
+            uneven_batch, torch.tensor(3.0)
+        )
+        assert len(calls) == 1
+    finally:
+        hook.remove()
+    torch.testing.assert_close(single, grouped)

@@ -96,7 +96,9 @@ def _length_groups(lengths: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
     return tuple(groups[::-1])
 
 
-def supervised_hidden_states(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+def supervised_hidden_states(
+    model: nn.Module, batch: dict[str, Tensor], group_lengths: bool = True
+) -> Tensor:
     """Final hidden states [N, H] at the N supervised positions of ``batch``, in row-major order.
 
     In a right-padded batch (the batch contract) a causal LM's real tokens never attend to the padding after
@@ -104,7 +106,9 @@ def supervised_hidden_states(model: nn.Module, batch: dict[str, Tensor]) -> Tens
     are therefore run in sub-batches of similar length (``length_groups``), each cut to its own longest
     row: the same states up to float rounding, with less work spent on padding (a third fewer positions on
     the bundled tasks' batches of 16). A batch whose labels reach into padding, or that is not right-padded,
-    runs as one forward.
+    runs as one forward, and so does every batch with ``group_lengths=False``: a model whose parameters are
+    sharded over processes (ZeRO-3, FSDP) gathers them in every forward, so all processes must run the same
+    number of forwards.
     """
     mask = batch["labels"] != IGNORE_INDEX  # [B, T]
     attention = batch["attention_mask"]  # [B, T]
@@ -112,7 +116,7 @@ def supervised_hidden_states(model: nn.Module, batch: dict[str, Tensor]) -> Tens
     right_padded = torch.arange(attention.shape[1], device=attention.device) < lengths[:, None]  # [B, T]
     contract = torch.equal(attention.bool(), right_padded) and torch.equal(mask & right_padded, mask)
     lengths_list = lengths.tolist()
-    groups = length_groups(lengths_list) if contract else []
+    groups = length_groups(lengths_list) if contract and group_lengths else []
     if len(groups) <= 1:
         return decoder_hidden_states(model, batch["input_ids"], attention)[mask]
     destination = (mask.flatten().cumsum(0) - 1).view_as(mask)  # [B, T]: each position's row in the result
@@ -134,15 +138,18 @@ def output_head(model: nn.Module, vocab_size: int) -> tuple[Tensor, Tensor | Non
     return head.weight[:vocab_size], bias
 
 
-def supervised_logits(model: nn.Module, batch: dict[str, Tensor], vocab_size: int) -> Tensor:
+def supervised_logits(
+    model: nn.Module, batch: dict[str, Tensor], vocab_size: int, group_lengths: bool = True
+) -> Tensor:
     """Logits [N, V] at the N supervised positions of ``batch`` only.
 
     Prompts and padding carry no loss, so for models with a plain head (``models.has_plain_head``) the head
     is applied to the supervised hidden states alone: typically a tenth of the [B, T, V] a full forward
-    computes. Other models run their full forward and the rows are selected afterwards.
+    computes. Other models run their full forward and the rows are selected afterwards. ``group_lengths``:
+    see ``supervised_hidden_states``.
     """
     if has_plain_head(model):
-        hidden = supervised_hidden_states(model, batch)  # [N, H]
+        hidden = supervised_hidden_states(model, batch, group_lengths)  # [N, H]
         weight, bias = output_head(model, vocab_size)
         return F.linear(hidden, weight, bias)  # [N, V]
     mask = batch["labels"] != IGNORE_INDEX  # [B, T]
@@ -175,13 +182,20 @@ def _require_plain_head(model: nn.Module, role: str) -> None:
 
 
 class StudentObjective(nn.Module):
-    """The student and the objective of one micro-batch; what accelerate prepares and the optimizer updates."""
+    """The student and the objective of one micro-batch; what accelerate prepares and the optimizer updates.
 
-    def __init__(self, student: nn.Module, objective: ObjectiveConfig, vocab_size: int):
+    ``group_lengths=False`` runs every micro-batch as one forward (required when the student's parameters
+    are sharded over processes: see ``supervised_hidden_states``).
+    """
+
+    def __init__(
+        self, student: nn.Module, objective: ObjectiveConfig, vocab_size: int, group_lengths: bool = True
+    ):
         super().__init__()
         self.student = student
         self.objective = objective
         self.vocab_size = vocab_size
+        self.group_lengths = group_lengths
         self.divergence = (
             get_divergence(objective.divergence, skew_alpha=objective.skew_alpha, jsd_beta=objective.jsd_beta)
             if objective.divergence is not None and objective.kd_ratio > 0
@@ -212,7 +226,7 @@ class StudentObjective(nn.Module):
         kd_ratio = self.objective.kd_ratio if divergence is not None else 0.0
         if self.objective.chunk_size == 0:
             return distillation_loss(
-                supervised_logits(self.student, batch, self.vocab_size),  # [N, V]
+                supervised_logits(self.student, batch, self.vocab_size, self.group_lengths),  # [N, V]
                 labels,
                 divergence,
                 kd_ratio,
@@ -220,7 +234,7 @@ class StudentObjective(nn.Module):
                 teacher_logits=teacher.logits if teacher is not None else None,
             )
         _require_plain_head(self.student, "student")
-        hidden = supervised_hidden_states(self.student, batch)  # [N, H]
+        hidden = supervised_hidden_states(self.student, batch, self.group_lengths)  # [N, H]
         weight, bias = output_head(self.student, self.vocab_size)
         return chunked_distillation_loss(
             hidden,

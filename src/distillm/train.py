@@ -274,7 +274,8 @@ def _student_outside_engine(accelerator, objective, whole: WholeStudent | None, 
 
 
 def _sharded(accelerator) -> bool:
-    """Whether the student's parameters are split over processes (ZeRO-3, FSDP): saving must gather them."""
+    """Whether the student's parameters are split over processes (ZeRO-3, FSDP): saving must gather them, and
+    every process must run the same number of student forwards."""
     from accelerate.utils import DistributedType
 
     plugin = accelerator.state.deepspeed_plugin
@@ -497,7 +498,10 @@ def train(config: Config) -> TrainResult:
         else None
     )
 
-    objective = StudentObjective(student, config.objective, vocab_size)
+    # Sharded parameters are gathered in every forward: all processes must run the same number of them.
+    objective = StudentObjective(
+        student, config.objective, vocab_size, group_lengths=not _sharded(accelerator)
+    )
     optimizer = build_optimizer(objective, config.train)
     scheduler = build_scheduler(optimizer, total_steps, config.train)
     sources = build_sources(
