@@ -160,3 +160,23 @@ def test_missing_matplotlib_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     with pytest.raises(UserError, match=r"pip install 'distillm\[report\]'"):
         report._pyplot()
+
+
+def test_group_scores_average_rouge_over_seeds_and_each_groups_rows():
+    seeds = [
+        [{"rougeL": 10.0}, {"rougeL": 50.0}, {"rougeL": 30.0}],
+        [{"rougeL": 20.0}, {"rougeL": 70.0}, {"rougeL": 0.0}],
+    ]
+    scores = report.group_scores(seeds, ["copy", "sort", "copy"])
+    assert scores == pytest.approx({"copy": (10 + 30 + 20 + 0) / 4, "sort": (50 + 70) / 2})
+    with pytest.raises(ValueError, match="2 prediction rows for 3 test rows"):
+        report.group_scores([seeds[0][:2]], ["copy", "sort", "copy"])
+
+
+def test_the_family_table_has_a_row_per_family_and_a_column_per_model(inputs):
+    inputs.group_scores = {m: {"reverse": 10.0 * i, "sort": 1.0} for i, m in enumerate(inputs.models)}
+    table = report.group_table(inputs.group_scores, inputs.models)
+    assert table.header == ["family", *inputs.models]
+    assert table.rows[0] == ["reverse", "0.00", "10.00", "20.00", "30.00"]
+    assert [row[0] for row in table.rows] == ["reverse", "sort"]
+    assert "ROUGE-L per task family" in report.to_markdown(report.build_blocks(inputs, "curves.png"))

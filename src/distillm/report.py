@@ -226,6 +226,30 @@ def rouge_table(
     return Table(header, rows, align_right=set(range(1, len(header))))
 
 
+def group_scores(
+    predictions_by_seed: Sequence[Sequence[dict[str, Any]]], groups: Sequence[str]
+) -> dict[str, float]:
+    """Mean ROUGE-L per group (say, a task family) over every seed's prediction rows.
+
+    ``predictions_by_seed``: one list of prediction rows per seed, each in test-set order; ``groups``: the
+    group of each test row, in the same order.
+    """
+    totals: dict[str, list[float]] = {}
+    for rows in predictions_by_seed:
+        if len(rows) != len(groups):
+            raise ValueError(f"{len(rows)} prediction rows for {len(groups)} test rows")
+        for row, group in zip(rows, groups):
+            totals.setdefault(group, []).append(row["rougeL"])
+    return {group: sum(values) / len(values) for group, values in totals.items()}
+
+
+def group_table(scores: dict[str, dict[str, float]], models: Sequence[str]) -> Table:
+    """One row per group, one column per model: mean ROUGE-L (``scores[model][group]``)."""
+    groups = sorted({group for model in models for group in scores[model]})
+    rows = [[group] + [_fmt(scores[model].get(group)) for model in models] for group in groups]
+    return Table(["family", *models], rows, align_right=set(range(1, len(models) + 1)))
+
+
 def paper_tables() -> list[Block]:
     main, losses = PAPER_GPT2_MAIN, PAPER_GPT2_LOSSES
     return [
@@ -406,6 +430,7 @@ class ReportInputs:
     example_indices: list[int]
     setup: list[str]  # sentences describing the setting (machine, sizes, budgets, wall time)
     findings: list[str] = field(default_factory=list)  # sentences read off the numbers
+    group_scores: dict[str, dict[str, float]] = field(default_factory=dict)  # model -> family -> ROUGE-L
 
 
 def build_blocks(inputs: ReportInputs, plot_name: str) -> list[Block]:
@@ -424,6 +449,12 @@ def build_blocks(inputs: ReportInputs, plot_name: str) -> list[Block]:
     ]
     if inputs.findings:
         blocks += [Paragraph(" ".join(inputs.findings))]
+    if inputs.group_scores:
+        blocks += [
+            Heading("ROUGE-L per task family", 3),
+            Paragraph("Mean over the seeds and the family's test rows: where each model's points come from."),
+            group_table(inputs.group_scores, inputs.models),
+        ]
     blocks += [
         Heading("The paper's GPT-2 numbers, for orientation", 3),
         Paragraph(
