@@ -167,3 +167,21 @@ def test_loading_swaps_gpt2_gelu_new_for_the_fused_kernel_with_the_same_outputs_
     model.save_pretrained(str(tmp_path / "saved"))
     saved = json.loads((tmp_path / "saved" / "config.json").read_text())
     assert saved["activation_function"] == "gelu_new"  # the saved model is unchanged
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the warning is about CPUs")
+def test_a_bf16_gpt2_on_a_cpu_is_warned_about_and_a_bf16_llama_or_fp32_gpt2_is_not(
+    tiny_model_factory, caplog
+):
+    from distillm.models import load_causal_lm
+
+    gpt2 = tiny_model_factory("gpt2", seed=3, layers=1, hidden=32, heads=2)
+    llama = tiny_model_factory("llama", seed=3, layers=1, hidden=32, heads=2)
+    with caplog.at_level("WARNING", logger="distillm.models"):
+        load_causal_lm(str(gpt2), dtype="bf16", role="teacher")
+    assert "teacher is bf16 and uses Conv1D" in caplog.text and "model.teacher_dtype=fp32" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="distillm.models"):
+        load_causal_lm(str(gpt2), dtype="fp32", role="teacher")
+        load_causal_lm(str(llama), dtype="bf16", role="teacher")
+    assert "Conv1D" not in caplog.text
