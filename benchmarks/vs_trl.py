@@ -83,12 +83,15 @@ def prepare(workdir: Path, args: argparse.Namespace) -> dict[str, str]:
     texts = [render_prompt(example, "alpaca") + example.response for example in examples]
     tokenizer = train_bpe_tokenizer(texts, args.vocab)
     tokenizer.chat_template = VERBATIM_TEMPLATE
+    model_vocab = args.model_vocab or len(tokenizer)
+    if model_vocab < len(tokenizer):
+        raise SystemExit(f"--model-vocab {model_vocab} is below the tokenizer's {len(tokenizer)} tokens")
     shapes = {"teacher": (4, 256, 4, 1), "student": (2, 128, 4, 2)}  # layers, hidden, heads, seed
     out = {"train": str(paths["train"])}
     for role, (layers, hidden, heads, seed) in shapes.items():
         model = build_small_model(
             "gpt2",
-            vocab_size=len(tokenizer),
+            vocab_size=model_vocab,
             seed=seed,
             layers=layers,
             hidden=hidden,
@@ -485,6 +488,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--beta", type=float, default=0.1, help="generalized JSD beta of the gkd setting")
     parser.add_argument("--vocab", type=int, default=1024, help="tokenizer vocabulary (the demo's 1024)")
+    parser.add_argument(
+        "--model-vocab",
+        type=int,
+        default=0,
+        help="rows of the models' embedding and head (e.g. 50257, GPT-2's); 0: the tokenizer's size. "
+        "The tokenizer stays the suite's: the extra rows are never produced by it, but both trainers score "
+        "and sample over all of them, as they would with a real LM's vocabulary",
+    )
     parser.add_argument("--rows", type=int, default=4000, help="task-suite training rows")
     parser.add_argument("--seed", type=int, default=10)
     parser.add_argument("--threads", type=int, default=0, help="torch threads per worker; 0: torch's default")
@@ -523,7 +534,8 @@ def main(argv: list[str] | None = None) -> int:
         f"torch {torch.__version__} ({args.threads or torch.get_num_threads()} threads), "
         f"trl {trl.__version__}, CPU fp32; "
         f"batch {args.batch_size}, max_length {args.max_length}, max_prompt_length {args.max_prompt_length}, "
-        f"max_new_tokens {args.max_new_tokens}, gkd beta {args.beta}; {args.warmup} warm-up + {args.steps} "
+        f"max_new_tokens {args.max_new_tokens}, gkd beta {args.beta}, tokenizer {args.vocab}, "
+        f"model vocabulary {args.model_vocab or args.vocab}; {args.warmup} warm-up + {args.steps} "
         f"timed steps x {args.repeats} repeats"
     )
     if args.ours_overrides:

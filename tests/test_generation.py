@@ -355,3 +355,58 @@ def test_sampling_is_exact_across_vocabulary_blocks_and_never_picks_impossible_t
     assert counts[support].sum() == rows  # no draw outside the support
     frequencies, expected = counts.double() / rows, logits.double().softmax(-1)
     torch.testing.assert_close(frequencies, expected, atol=0.015, rtol=0)
+
+
+TRANSFORMERS_5 = int(__import__("transformers").__version__.split(".")[0]) >= 5
+
+
+@pytest.mark.skipif(
+    not TRANSFORMERS_5, reason="the preallocated cache is built on transformers 5's Cache layers"
+)
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_the_preallocated_kv_cache_gives_the_default_caches_logits_step_by_step(family, request):
+    from transformers.cache_utils import DynamicLayer
+
+    from distillm.generation import _preallocated_cache
+
+    model = request.getfixturevalue(family)
+    prompts, mask = left_padded_prompts([5, 2, 7], seed=4)
+    new_tokens = torch.tensor([[3, 9, 4, 1], [7, 7, 2, 5], [8, 1, 6, 2]])
+    capacity = prompts.shape[1] + new_tokens.shape[1]
+    logits = {}
+    for name, cache in (("default", None), ("preallocated", _preallocated_cache(model, capacity))):
+        with torch.no_grad():
+            out = model(input_ids=prompts, attention_mask=mask, cache=cache, use_cache=True)
+            steps, cache, full_mask = [out.logits[:, -1]], out.cache, mask
+            for k in range(new_tokens.shape[1]):
+                full_mask = torch.cat([full_mask, torch.ones_like(mask[:, :1])], dim=1)
+                positions = full_mask.sum(-1, keepdim=True) - 1
+                out = model(
+                    input_ids=new_tokens[:, k : k + 1],
+                    attention_mask=full_mask,
+                    position_ids=positions,
+                    cache=cache,
+                    use_cache=True,
+                )
+                steps.append(out.logits[:, -1])
+                cache = out.cache
+        logits[name] = torch.stack(steps)
+        if name == "preallocated":  # the buffers were used, and filled to exactly the positions seen
+            assert all(type(layer) is not DynamicLayer for layer in cache.layers)
+            assert all(layer.key_buffer.shape[2] == capacity for layer in cache.layers)
+            assert cache.get_seq_length() == capacity
+    torch.testing.assert_close(logits["preallocated"], logits["default"], rtol=0, atol=1e-6)
+
+
+@pytest.mark.skipif(
+    not TRANSFORMERS_5, reason="the preallocated cache is built on transformers 5's Cache layers"
+)
+def test_sliding_window_models_keep_their_default_kv_cache():
+    from transformers import LlamaConfig, MistralConfig
+
+    from distillm.generation import _preallocated_cache
+
+    sliding = SimpleNamespace(config=MistralConfig(sliding_window=4, num_hidden_layers=2))
+    full = SimpleNamespace(config=LlamaConfig(num_hidden_layers=2))
+    assert _preallocated_cache(sliding, 16) is None
+    assert _preallocated_cache(full, 16) is not None
