@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/vs_trl.py          # both settings, 3 repeats of 3 warm-up + 20 timed steps
     .venv/bin/python benchmarks/vs_trl.py --settings gkd --steps 10 --repeats 2
     .venv/bin/python benchmarks/vs_trl.py --profile ours --settings gkd    # cProfile of our loop: hot spots
+    .venv/bin/python benchmarks/vs_trl.py --model-vocab 50257 --steps 5 --warmup 1  # GPT-2's vocabulary size
     # what our options that TRL lacks buy (no longer equal settings):
     .venv/bin/python benchmarks/vs_trl.py --ours-overrides objective.chunk_size=512 model.teacher_dtype=bf16
 
@@ -21,7 +22,11 @@ Two settings:
 Common set-up, built once in ``--workdir``: the bundled task suite (train split), a byte-level BPE tokenizer
 trained on it, a GPT-2-shaped teacher (4 layers, hidden 256) and student (2 layers, hidden 128) with random
 weights and dropout 0 (TRL turns dropout off by itself; ours keeps the model's, so 0 makes the compute
-equal). Both trainers: fp32 on CPU, batch ``--batch-size``, AdamW (lr 5e-4, weight decay 0.01), cosine
+equal). The models' embedding and head have the tokenizer's ``--vocab`` rows, or ``--model-vocab`` rows (a
+real LM's size: GPT-2 50,257, Llama 32,000, SmolLM2 49,152) while the tokenizer stays the suite's: the extra
+rows are never produced by the tokenizer, but both trainers score every row (ours reconciles to the models'
+common size, ``models.shared_vocab_size``; TRL uses the logits as they come) and both sample from all of
+them, so each side's work per position is what it would be with a real vocabulary. Both trainers: fp32 on CPU, batch ``--batch-size``, AdamW (lr 5e-4, weight decay 0.01), cosine
 schedule, clipping at 1, gradient accumulation 1, no evaluation, no checkpoints until the end, progress bars
 off, each trainer's default logging (ours: metrics.jsonl every 10 steps; TRL: logs every 10 steps).
 TRL's own defaults of gradient checkpointing and bf16 are turned off to match.

@@ -95,10 +95,7 @@ def _decode(
     finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
 
     logits, cache = last_logits(
-        prompt_ids,
-        full_mask[:, :prompt_len] if has_padding else None,
-        positions,
-        _preallocated_cache(model, prompt_len + max_new),
+        prompt_ids, full_mask[:, :prompt_len] if has_padding else None, positions, None
     )
     if has_padding and last_logits.sdpa_bool_masks:
         # Decoding steps get the [B, 1, 1, KV] boolean mask SDPA uses (True = attend), sliced from one
@@ -202,60 +199,6 @@ class _NgramBan:
             sequence.append(value)
             if len(sequence) >= self.size:
                 self._record(sequence, seen, len(sequence))
-
-
-def _preallocated_cache(model: nn.Module, capacity: int) -> Any:
-    """A KV cache that writes each step into buffers of ``capacity`` positions, or None (the model's default).
-
-    transformers' default cache concatenates every layer's keys and values with the new step's, copying the
-    whole cache at each step (O(length) per step); this one copies only the new positions and hands
-    attention a view of the filled part, the very same tensor values. Only for transformers 5 (its
-    ``Cache`` of layers) and models whose every layer attends to all previous positions: sliding-window
-    and hybrid layers keep their own caches.
-    """
-    if _TRANSFORMERS_MAJOR < 5:
-        return None
-    config = getattr(_unwrap(model), "config", None)
-    text_config = config.get_text_config(decoder=True) if config is not None else None
-    if text_config is None or getattr(text_config, "sliding_window", None) is not None:
-        return None
-    if any(kind != "full_attention" for kind in getattr(text_config, "layer_types", None) or ()):
-        return None
-    from transformers.cache_utils import Cache
-
-    return Cache(layer_class_to_replicate=lambda: _PreallocatedLayer(capacity))
-
-
-if _TRANSFORMERS_MAJOR >= 5:
-    from transformers.cache_utils import DynamicLayer
-
-    class _PreallocatedLayer(DynamicLayer):
-        """One layer's keys and values in buffers of a fixed capacity; ``keys``/``values`` view the filled part."""
-
-        def __init__(self, capacity: int):
-            super().__init__()
-            self.capacity = capacity
-            self.length = 0
-
-        def update(
-            self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any
-        ) -> tuple[Tensor, Tensor]:
-            if not self.is_initialized:
-                batch, heads, _, key_dim = key_states.shape
-                self.key_buffer = key_states.new_empty(batch, heads, self.capacity, key_dim)
-                self.value_buffer = value_states.new_empty(
-                    batch, heads, self.capacity, value_states.shape[-1]
-                )
-                self.device = key_states.device
-                self.is_initialized = True
-            end = self.length + key_states.shape[-2]
-            if end > self.capacity:
-                raise RuntimeError(f"KV cache of {self.capacity} positions asked to hold {end}")
-            self.key_buffer[:, :, self.length : end] = key_states
-            self.value_buffer[:, :, self.length : end] = value_states
-            self.length = end
-            self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
-            return self.keys, self.values
 
 
 @dataclass
