@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/vs_trl.py          # both settings, 3 repeats of 3 warm-up + 20 timed steps
     .venv/bin/python benchmarks/vs_trl.py --settings gkd --steps 10 --repeats 2
     .venv/bin/python benchmarks/vs_trl.py --profile ours --settings gkd    # cProfile of our loop: hot spots
+    .venv/bin/python benchmarks/vs_trl.py --model-vocab 50257 --steps 5 --warmup 1  # GPT-2's vocabulary size
     # what our options that TRL lacks buy (no longer equal settings):
     .venv/bin/python benchmarks/vs_trl.py --ours-overrides objective.chunk_size=512 model.teacher_dtype=bf16
 
@@ -21,7 +22,11 @@ Two settings:
 Common set-up, built once in ``--workdir``: the bundled task suite (train split), a byte-level BPE tokenizer
 trained on it, a GPT-2-shaped teacher (4 layers, hidden 256) and student (2 layers, hidden 128) with random
 weights and dropout 0 (TRL turns dropout off by itself; ours keeps the model's, so 0 makes the compute
-equal). Both trainers: fp32 on CPU, batch ``--batch-size``, AdamW (lr 5e-4, weight decay 0.01), cosine
+equal). The models' embedding and head have the tokenizer's ``--vocab`` rows, or ``--model-vocab`` rows (a
+real LM's size: GPT-2 50,257, Llama 32,000, SmolLM2 49,152) while the tokenizer stays the suite's: the extra
+rows are never produced by the tokenizer, but both trainers score every row (ours reconciles to the models'
+common size, ``models.shared_vocab_size``; TRL uses the logits as they come) and both sample from all of
+them, so each side's work per position is what it would be with a real vocabulary. Both trainers: fp32 on CPU, batch ``--batch-size``, AdamW (lr 5e-4, weight decay 0.01), cosine
 schedule, clipping at 1, gradient accumulation 1, no evaluation, no checkpoints until the end, progress bars
 off, each trainer's default logging (ours: metrics.jsonl every 10 steps; TRL: logs every 10 steps).
 TRL's own defaults of gradient checkpointing and bf16 are turned off to match.
@@ -83,12 +88,15 @@ def prepare(workdir: Path, args: argparse.Namespace) -> dict[str, str]:
     texts = [render_prompt(example, "alpaca") + example.response for example in examples]
     tokenizer = train_bpe_tokenizer(texts, args.vocab)
     tokenizer.chat_template = VERBATIM_TEMPLATE
+    model_vocab = args.model_vocab or len(tokenizer)
+    if model_vocab < len(tokenizer):
+        raise SystemExit(f"--model-vocab {model_vocab} is below the tokenizer's {len(tokenizer)} tokens")
     shapes = {"teacher": (4, 256, 4, 1), "student": (2, 128, 4, 2)}  # layers, hidden, heads, seed
     out = {"train": str(paths["train"])}
     for role, (layers, hidden, heads, seed) in shapes.items():
         model = build_small_model(
             "gpt2",
-            vocab_size=len(tokenizer),
+            vocab_size=model_vocab,
             seed=seed,
             layers=layers,
             hidden=hidden,
@@ -485,6 +493,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--beta", type=float, default=0.1, help="generalized JSD beta of the gkd setting")
     parser.add_argument("--vocab", type=int, default=1024, help="tokenizer vocabulary (the demo's 1024)")
+    parser.add_argument(
+        "--model-vocab",
+        type=int,
+        default=0,
+        help="rows of the models' embedding and head (e.g. 50257, GPT-2's); 0: the tokenizer's size. "
+        "The tokenizer stays the suite's: the extra rows are never produced by it, but both trainers score "
+        "and sample over all of them, as they would with a real LM's vocabulary",
+    )
     parser.add_argument("--rows", type=int, default=4000, help="task-suite training rows")
     parser.add_argument("--seed", type=int, default=10)
     parser.add_argument("--threads", type=int, default=0, help="torch threads per worker; 0: torch's default")
@@ -523,7 +539,8 @@ def main(argv: list[str] | None = None) -> int:
         f"torch {torch.__version__} ({args.threads or torch.get_num_threads()} threads), "
         f"trl {trl.__version__}, CPU fp32; "
         f"batch {args.batch_size}, max_length {args.max_length}, max_prompt_length {args.max_prompt_length}, "
-        f"max_new_tokens {args.max_new_tokens}, gkd beta {args.beta}; {args.warmup} warm-up + {args.steps} "
+        f"max_new_tokens {args.max_new_tokens}, gkd beta {args.beta}, tokenizer {args.vocab}, "
+        f"model vocabulary {args.model_vocab or args.vocab}; {args.warmup} warm-up + {args.steps} "
         f"timed steps x {args.repeats} repeats"
     )
     if args.ours_overrides:
