@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+from conftest import tokenizer_training_texts
 from distillm.data import ALPACA_NO_INPUT, ALPACA_WITH_INPUT
 from distillm.data.template import template_segments
 from distillm.tokenizer import train_bpe_tokenizer
-
-from conftest import tokenizer_training_texts
 
 
 def test_template_segments_are_exactly_the_fixed_text_between_the_templates_fields():
