@@ -514,26 +514,20 @@ def write_demo_report(out: Path, stages: Stages) -> DemoResult:
         if run.name == "SeqKD":
             run.extra_generation_seconds = seqkd_generation["seconds"]
 
-    seed = plan.eval_seeds[0]
-    predictions = {
-        name: report.read_predictions(entry["eval_dir"], entry["eval_name"], dataset, seed)
+    by_seed = {  # model -> one list of prediction rows per evaluation seed, in test-set order
+        name: [
+            report.read_predictions(entry["eval_dir"], entry["eval_name"], dataset, s)
+            for s in plan.eval_seeds
+        ]
         for name, entry in evaluation["models"].items()
     }
+    predictions = {name: rows[0] for name, rows in by_seed.items()}  # the first seed's, for the examples
     families = [
         json.loads(line)["category"]
         for line in (out / "data" / "test.jsonl").read_text(encoding="utf-8").splitlines()
         if line.strip()
     ]
-    by_family = {
-        name: report.group_scores(
-            [
-                report.read_predictions(entry["eval_dir"], entry["eval_name"], dataset, s)
-                for s in plan.eval_seeds
-            ],
-            families,
-        )
-        for name, entry in evaluation["models"].items()
-    }
+    by_family = {name: report.group_scores(rows, families) for name, rows in by_seed.items()}
     rows = predictions[TEACHER]
     examples = _example_indices(rows, 6)
     seconds = stages.record["seconds"]

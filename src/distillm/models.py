@@ -89,11 +89,16 @@ def build_small_model(family: str, vocab_size: int, seed: int = 0, **kwargs: Any
 PLAIN_HEAD_MODEL_TYPES = frozenset({"gpt2", "llama", "mistral", "qwen2", "qwen3", "opt"})
 
 
+def unwrap_peft(model):
+    """The Hugging Face model inside a peft wrapper (adapters stay injected), or ``model`` itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def has_plain_head(model) -> bool:
     """Whether ``model`` (peft-wrapped or not) computes its logits as a plain linear head on its last hidden state."""
     from torch import nn
 
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = unwrap_peft(model)
     head = inner.get_output_embeddings()
     return getattr(inner.config, "model_type", None) in PLAIN_HEAD_MODEL_TYPES and type(head) is nn.Linear
 

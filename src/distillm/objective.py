@@ -21,7 +21,7 @@ from distillm.errors import UserError
 from distillm.losses import get_divergence
 from distillm.losses.chunked import chunked_distillation_loss
 from distillm.losses.reduction import distillation_loss
-from distillm.models import PLAIN_HEAD_MODEL_TYPES, has_plain_head
+from distillm.models import PLAIN_HEAD_MODEL_TYPES, has_plain_head, unwrap_peft
 
 
 class TeacherOutput(NamedTuple):
@@ -40,11 +40,6 @@ class StepLoss(NamedTuple):
     ce: Tensor
     divergence: Tensor
     lm: Tensor
-
-
-def unwrap_peft(model: nn.Module) -> nn.Module:
-    """The Hugging Face model inside a peft wrapper (adapters stay injected), or ``model`` itself."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def decoder_hidden_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:

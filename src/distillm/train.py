@@ -221,8 +221,7 @@ def loading_whole_models(accelerator):
     outside the engine), and a whole student lets the vocabulary checks and resuming read its weights
     before the engine partitions it in ``prepare``.
     """
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is None or plugin.zero_stage != 3:
+    if not _is_zero3(accelerator):
         yield
         return
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
@@ -231,7 +230,7 @@ def loading_whole_models(accelerator):
     try:
         yield
     finally:
-        plugin.set_deepspeed_weakref()
+        accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
 
 
 def _is_zero3(accelerator) -> bool:
@@ -278,10 +277,7 @@ def _sharded(accelerator) -> bool:
     every process must run the same number of student forwards."""
     from accelerate.utils import DistributedType
 
-    plugin = accelerator.state.deepspeed_plugin
-    return accelerator.distributed_type == DistributedType.FSDP or (
-        plugin is not None and plugin.zero_stage == 3
-    )
+    return accelerator.distributed_type == DistributedType.FSDP or _is_zero3(accelerator)
 
 
 def _student_state_dict(accelerator, objective) -> dict[str, torch.Tensor] | None:
