@@ -160,17 +160,17 @@ def test_without_length_grouping_an_uneven_batch_runs_as_exactly_one_forward(mod
     # Sharded students (ZeRO-3, FSDP) gather parameters per forward: every process must run the same number.
     from distillm.objective import supervised_hidden_states
 
-    calls = []
-    hook = model.transformer.register_forward_hook(lambda *args: calls.append(1))
+    calls = []  # embedding lookups: one per forward, the model's own or distillm.fast_forward's
+    hook = model.transformer.wte.register_forward_hook(lambda *args: calls.append(1))
     try:
         grouped = supervised_hidden_states(model, uneven_batch)
         assert len(calls) > 1  # the default splits this batch
         calls.clear()
-        single = supervised_hidden_states(model, uneven_batch, group_lengths=False)
+        single = supervised_hidden_states(model, uneven_batch, sharded=True)
         assert len(calls) == 1
         calls.clear()
         config = ObjectiveConfig(divergence=None, kd_ratio=0.0)
-        StudentObjective(model, config, model.config.vocab_size, group_lengths=False)(
+        StudentObjective(model, config, model.config.vocab_size, sharded=True)(
             uneven_batch, torch.tensor(3.0)
         )
         assert len(calls) == 1

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from distillm import IGNORE_INDEX
 from distillm.config import ObjectiveConfig
 from distillm.errors import UserError
+from distillm.fast_forward import fast_decoder
 from distillm.losses import get_divergence
 from distillm.losses.chunked import chunked_distillation_loss
 from distillm.losses.reduction import distillation_loss
@@ -91,19 +92,21 @@ def _length_groups(lengths: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
     return tuple(groups[::-1])
 
 
-def supervised_hidden_states(
-    model: nn.Module, batch: dict[str, Tensor], group_lengths: bool = True
-) -> Tensor:
+def supervised_hidden_states(model: nn.Module, batch: dict[str, Tensor], sharded: bool = False) -> Tensor:
     """Final hidden states [N, H] at the N supervised positions of ``batch``, in row-major order.
 
-    In a right-padded batch (the batch contract) a causal LM's real tokens never attend to the padding after
-    them, so a row's states do not depend on how much padding follows it. Rows of very different lengths
-    are therefore run in sub-batches of similar length (``length_groups``), each cut to its own longest
-    row: the same states up to float rounding, with less work spent on padding (a third fewer positions on
-    the bundled tasks' batches of 16). A batch whose labels reach into padding, or that is not right-padded,
-    runs as one forward, and so does every batch with ``group_lengths=False``: a model whose parameters are
-    sharded over processes (ZeRO-3, FSDP) gathers them in every forward, so all processes must run the same
-    number of forwards.
+    Two savings, both exact up to float rounding:
+
+    - In a right-padded batch (the batch contract) a causal LM's real tokens never attend to the padding
+      after them, so a row's states do not depend on how much padding follows it. Rows of very different
+      lengths therefore run in sub-batches of similar length (``length_groups``), each cut to its own
+      longest row: a third fewer positions on the bundled tasks' batches of 16. A batch whose labels reach
+      into padding, or that is not right-padded, runs as one forward.
+    - For the families of ``distillm.fast_forward`` the last layer runs at the supervised positions only.
+
+    ``sharded=True`` (a model whose parameters are sharded over processes: ZeRO-3, FSDP) turns both off: such
+    a model gathers its parameters in every call of its own forward, so every process must run the same
+    number of forwards, through the model's forward.
     """
     mask = batch["labels"] != IGNORE_INDEX  # [B, T]
     attention = batch["attention_mask"]  # [B, T]
@@ -111,19 +114,32 @@ def supervised_hidden_states(
     right_padded = torch.arange(attention.shape[1], device=attention.device) < lengths[:, None]  # [B, T]
     contract = torch.equal(attention.bool(), right_padded) and torch.equal(mask & right_padded, mask)
     lengths_list = lengths.tolist()
-    groups = length_groups(lengths_list) if contract and group_lengths else []
+    groups = length_groups(lengths_list) if contract and not sharded else []
+    decoder = None if sharded else fast_decoder(model)
     if len(groups) <= 1:
-        return decoder_hidden_states(model, batch["input_ids"], attention)[mask]
+        return _kept_hidden_states(model, decoder, batch["input_ids"], attention, mask)
     destination = (mask.flatten().cumsum(0) - 1).view_as(mask)  # [B, T]: each position's row in the result
     parts, destinations = [], []
     for rows in groups:
         width = max(lengths_list[r] for r in rows)
         index = torch.tensor(rows, device=mask.device)
-        hidden = decoder_hidden_states(model, batch["input_ids"][index, :width], attention[index, :width])
         group_mask = mask[index, :width]  # [b, width]
-        parts.append(hidden[group_mask])
+        parts.append(
+            _kept_hidden_states(
+                model, decoder, batch["input_ids"][index, :width], attention[index, :width], group_mask
+            )
+        )
         destinations.append(destination[index, :width][group_mask])
     return torch.cat(parts)[torch.cat(destinations).argsort()]  # [N, H], back in the batch's order
+
+
+def _kept_hidden_states(
+    model: nn.Module, decoder, input_ids: Tensor, attention_mask: Tensor, keep: Tensor
+) -> Tensor:
+    """Final hidden states [N, H] where ``keep`` [B, T] is True: ``decoder``'s forward, or the model's own."""
+    if decoder is None:
+        return decoder_hidden_states(model, input_ids, attention_mask)[keep]
+    return decoder.hidden_states(input_ids, attention_mask, keep)
 
 
 def output_head(model: nn.Module, vocab_size: int) -> tuple[Tensor, Tensor | None]:
@@ -134,17 +150,17 @@ def output_head(model: nn.Module, vocab_size: int) -> tuple[Tensor, Tensor | Non
 
 
 def supervised_logits(
-    model: nn.Module, batch: dict[str, Tensor], vocab_size: int, group_lengths: bool = True
+    model: nn.Module, batch: dict[str, Tensor], vocab_size: int, sharded: bool = False
 ) -> Tensor:
     """Logits [N, V] at the N supervised positions of ``batch`` only.
 
     Prompts and padding carry no loss, so for models with a plain head (``models.has_plain_head``) the head
     is applied to the supervised hidden states alone: typically a tenth of the [B, T, V] a full forward
-    computes. Other models run their full forward and the rows are selected afterwards. ``group_lengths``:
-    see ``supervised_hidden_states``.
+    computes. Other models run their full forward and the rows are selected afterwards. ``sharded``: see
+    ``supervised_hidden_states``.
     """
     if has_plain_head(model):
-        hidden = supervised_hidden_states(model, batch, group_lengths)  # [N, H]
+        hidden = supervised_hidden_states(model, batch, sharded)  # [N, H]
         weight, bias = output_head(model, vocab_size)
         return F.linear(hidden, weight, bias)  # [N, V]
     mask = batch["labels"] != IGNORE_INDEX  # [B, T]
@@ -179,18 +195,18 @@ def _require_plain_head(model: nn.Module, role: str) -> None:
 class StudentObjective(nn.Module):
     """The student and the objective of one micro-batch; what accelerate prepares and the optimizer updates.
 
-    ``group_lengths=False`` runs every micro-batch as one forward (required when the student's parameters
-    are sharded over processes: see ``supervised_hidden_states``).
+    ``sharded=True`` runs every micro-batch as one call of the student's own forward (required when its
+    parameters are sharded over processes: see ``supervised_hidden_states``).
     """
 
     def __init__(
-        self, student: nn.Module, objective: ObjectiveConfig, vocab_size: int, group_lengths: bool = True
+        self, student: nn.Module, objective: ObjectiveConfig, vocab_size: int, sharded: bool = False
     ):
         super().__init__()
         self.student = student
         self.objective = objective
         self.vocab_size = vocab_size
-        self.group_lengths = group_lengths
+        self.sharded = sharded
         self.divergence = (
             get_divergence(objective.divergence, skew_alpha=objective.skew_alpha, jsd_beta=objective.jsd_beta)
             if objective.divergence is not None and objective.kd_ratio > 0
@@ -221,7 +237,7 @@ class StudentObjective(nn.Module):
         kd_ratio = self.objective.kd_ratio if divergence is not None else 0.0
         if self.objective.chunk_size == 0:
             return distillation_loss(
-                supervised_logits(self.student, batch, self.vocab_size, self.group_lengths),  # [N, V]
+                supervised_logits(self.student, batch, self.vocab_size, self.sharded),  # [N, V]
                 labels,
                 divergence,
                 kd_ratio,
@@ -229,7 +245,7 @@ class StudentObjective(nn.Module):
                 teacher_logits=teacher.logits if teacher is not None else None,
             )
         _require_plain_head(self.student, "student")
-        hidden = supervised_hidden_states(self.student, batch, self.group_lengths)  # [N, H]
+        hidden = supervised_hidden_states(self.student, batch, self.sharded)  # [N, H]
         weight, bias = output_head(self.student, self.vocab_size)
         return chunked_distillation_loss(
             hidden,

@@ -1,0 +1,314 @@
+"""Our own decoder forward for the common model families, built from the model's own modules.
+
+Distillation only needs a causal LM's final hidden states at the *supervised* positions (the response), and a
+decoding step only at the *last* one. A transformer's last layer can stop there: its keys and values are
+needed at every position, but its attention queries, output projection, MLP and final norm only where the
+result is read. :class:`FastDecoder` runs the embedding and all layers but the last over every position,
+then the last layer (after its key/value projection) and the final norm over the kept positions only. On
+the bundled tasks' batches about 9 of every 100 positions are supervised, so the last layer costs about a
+fifth of its full price, in the teacher's forward and in the student's forward and backward alike.
+
+It is the model's own computation, not an approximation: every linear map, norm, MLP, rotary embedding and
+dropout is the model's own module (so LoRA adapters injected by peft apply); what is written here is only
+the glue a Hugging Face decoder layer performs: splitting heads, the causal and padding mask, scaled
+dot-product attention with the model's scale and dropout, and the residual additions. It also skips the
+per-call machinery of Hugging Face's forward (mask builders, cache objects, output dataclasses), which is
+a large share of a decoding step for small models on a CPU. ``tests/test_fast_forward.py`` checks hidden
+states, decoding logits and parameter gradients against the Hugging Face forward for every supported
+family.
+
+Supported: GPT-2 (``gpt2``) and the Llama layout (``llama``, ``mistral``, ``qwen2``, ``qwen3``: grouped
+keys/values, rotary embeddings, optional q/k norms), without sliding-window attention and without GPT-2's
+reordered/upcast attention. :func:`fast_decoder` returns ``None`` for anything else, and callers fall back to
+the model's own forward. It must not be used on a model whose parameters are sharded over processes
+(DeepSpeed ZeRO-3, FSDP): those gather parameters in the forward of the wrapped model, which this bypasses.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from distillm.models import unwrap_peft
+
+LLAMA_LAYOUT_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+FAST_FORWARD_MODEL_TYPES = LLAMA_LAYOUT_TYPES | {"gpt2"}
+
+# Below this share of kept positions the last layer runs on the kept positions only; above it the gather
+# and the [B, Q, T] mask cost more than the few skipped positions save.
+_MAX_KEPT_SHARE = 0.75
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every layer for a decoding run, in buffers sized for the whole run.
+
+    ``keys[i]`` / ``values[i]``: ``[B, KV heads, capacity, head_dim]``; positions ``[:length]`` are filled.
+    ``key_mask``: ``[B, 1, 1, capacity]`` boolean (True = attend), or None when no row has padding.
+    """
+
+    keys: list[Tensor]
+    values: list[Tensor]
+    length: int
+    key_mask: Tensor | None
+
+
+def fast_decoder(model: nn.Module) -> FastDecoder | None:
+    """A :class:`FastDecoder` for ``model`` (a Hugging Face causal LM, possibly peft-wrapped), or None."""
+    hf_model = unwrap_peft(model)
+    config = getattr(hf_model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    base = getattr(hf_model, "base_model", None)
+    if model_type == "gpt2":
+        supported = not (config.reorder_and_upcast_attn or getattr(config, "add_cross_attention", False))
+    elif model_type in LLAMA_LAYOUT_TYPES:
+        # A sliding window changes the attention only if it is shorter than the positions the model has.
+        window = getattr(config, "sliding_window", None)
+        sliding = model_type == "mistral" or "sliding_attention" in (
+            getattr(config, "layer_types", None) or ()
+        )
+        supported = not sliding or window is None or window >= config.max_position_embeddings
+    else:
+        supported = False
+    if supported and _sharded(hf_model):
+        supported = False
+    return FastDecoder(hf_model, base, model_type == "gpt2") if supported and base is not None else None
+
+
+def _sharded(model: nn.Module) -> bool:
+    """Whether ``model``'s parameters are sharded over processes (DeepSpeed ZeRO-3, FSDP 1 or 2)."""
+    if any(hasattr(parameter, "ds_id") for parameter in model.parameters()):  # ZeRO-3 tags its parameters
+        return True
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    return any(isinstance(module, (FSDPModule, FullyShardedDataParallel)) for module in model.modules())
+
+
+class FastDecoder:
+    """Final hidden states of a supported decoder, with the last layer applied only where they are read."""
+
+    def __init__(self, hf_model: nn.Module, base: nn.Module, gpt2: bool):
+        self.model = hf_model
+        self.base = base
+        self.gpt2 = gpt2
+        self.layers: nn.ModuleList = base.h if gpt2 else base.layers
+        if gpt2:
+            config = hf_model.config
+            self.heads = self.kv_heads = config.n_head
+            self.head_dim = config.n_embd // config.n_head
+            self.rotary = None
+        else:
+            attention = self.layers[0].self_attn
+            self.heads = hf_model.config.num_attention_heads
+            self.kv_heads = hf_model.config.num_key_value_heads
+            self.head_dim = attention.head_dim
+            # The modeling module's own rotary application (identical to what its attention calls).
+            self.rotary = sys.modules[type(attention).__module__].apply_rotary_pos_emb
+
+    # ----------------------------------------------------------------------------------------------------
+    # Training and scoring: a right-padded batch, hidden states at the kept positions.
+
+    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor, keep: Tensor) -> Tensor:
+        """Final hidden states ``[N, H]`` at the positions where ``keep`` ``[B, T]`` is True, row-major.
+
+        ``input_ids`` / ``attention_mask`` ``[B, T]``: a batch whose rows are right-padded (positions count
+        from 0 in every row, as the Hugging Face forward does without ``position_ids``).
+        """
+        batch, width = input_ids.shape
+        positions = torch.arange(width, device=input_ids.device)  # [T]
+        padded = not bool(attention_mask.all())
+        mask = (
+            _attention_mask(attention_mask.bool(), positions[None, :].expand(batch, width))
+            if padded
+            else None
+        )
+        hidden, extra = self._embed(input_ids, positions[None, :])
+        for layer in self.layers[:-1]:
+            hidden = self._maybe_checkpoint(self._layer, layer, hidden, extra, mask)
+        kept_per_row = keep.sum(-1)  # [B]
+        queries = int(kept_per_row.max()) if keep.numel() else 0
+        if queries == 0:
+            return hidden.new_zeros(0, hidden.shape[-1])
+        if queries > _MAX_KEPT_SHARE * width:
+            hidden = self._maybe_checkpoint(self._layer, self.layers[-1], hidden, extra, mask)
+            return self._final_norm(hidden)[keep]
+        # Each row's kept positions first, in order (a stable sort puts True before False), cut to the most
+        # any row keeps; `valid` marks the real ones among them.
+        query_positions = keep.int().argsort(dim=-1, descending=True, stable=True)[:, :queries]  # [B, Q]
+        valid = torch.arange(queries, device=keep.device) < kept_per_row[:, None]  # [B, Q]
+        query_mask = _attention_mask(attention_mask.bool(), query_positions, width)  # [B, 1, Q, T]
+        hidden = self._maybe_checkpoint(
+            self._last_layer, self.layers[-1], hidden, extra, query_mask, query_positions
+        )  # [B, Q, H]
+        return self._final_norm(hidden[valid])  # [N, H]
+
+    def _maybe_checkpoint(self, function: Callable[..., Tensor], *args) -> Tensor:
+        if self.model.training and _checkpointing(self.model):
+            return checkpoint(function, *args, use_reentrant=False)
+        return function(*args)
+
+    # ----------------------------------------------------------------------------------------------------
+    # Decoding: left-padded prompts, then one token per row and step.
+
+    def prefill(self, input_ids: Tensor, attention_mask: Tensor, positions: Tensor, capacity: int):
+        """Run the prompts ``[B, P]`` (left-padded, ``positions`` ``[B, P]``); returns ``(hidden [B, H], cache)``.
+
+        The cache has room for ``capacity`` positions; ``hidden`` is the final hidden state at the last
+        prompt position of every row.
+        """
+        batch, width = input_ids.shape
+        key_valid = attention_mask.bool()
+        padded = not bool(key_valid.all())
+        # Causal by index (left padding: a row's real tokens are its last ones), with the padding masked.
+        index = torch.arange(width, device=input_ids.device)[None, :].expand(batch, width)
+        mask = _attention_mask(key_valid, index) if padded else None
+        hidden, extra = self._embed(input_ids, positions)
+        keys, values = [], []
+        for layer in self.layers[:-1]:
+            hidden = self._layer(layer, hidden, extra, mask, cache=(keys, values, capacity))
+        last = index[:, -1:]  # [B, 1]
+        last_mask = mask[:, :, -1:] if mask is not None else None
+        hidden = self._last_layer(
+            self.layers[-1], hidden, extra, last_mask, last, cache=(keys, values, capacity)
+        )  # [B, 1, H]
+        key_mask = None
+        if padded:
+            key_mask = torch.ones(batch, 1, 1, capacity, dtype=torch.bool, device=input_ids.device)
+            key_mask[:, 0, 0, :width] = key_valid
+        return self._final_norm(hidden[:, 0]), KVCache(keys, values, width, key_mask)
+
+    def step(self, tokens: Tensor, positions: Tensor, cache: KVCache) -> Tensor:
+        """One decoding step: ``tokens`` ``[B]`` at ``positions`` ``[B, 1]``; returns the hidden states ``[B, H]``."""
+        hidden, extra = self._embed(tokens[:, None], positions)
+        length = cache.length + 1
+        mask = cache.key_mask[..., :length] if cache.key_mask is not None else None
+        for index, layer in enumerate(self.layers):
+            hidden = self._decode_layer(layer, hidden, extra, mask, cache, index)
+        cache.length = length
+        return self._final_norm(hidden[:, 0])
+
+    # ----------------------------------------------------------------------------------------------------
+    # The pieces of a layer, per family.
+
+    def _embed(self, input_ids: Tensor, positions: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """Input embeddings ``[B, T, H]`` and the rotary ``(cos, sin)`` for ``positions`` (None for GPT-2)."""
+        if self.gpt2:
+            hidden = self.base.wte(input_ids) + self.base.wpe(positions)
+            return self.base.drop(hidden), None
+        hidden = self.base.embed_tokens(input_ids)
+        return hidden, self.base.rotary_emb(hidden, position_ids=positions.expand(hidden.shape[0], -1))
+
+    def _final_norm(self, hidden: Tensor) -> Tensor:
+        return self.base.ln_f(hidden) if self.gpt2 else self.base.norm(hidden)
+
+    def _projections(self, layer: nn.Module, normed: Tensor, extra) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries ``[B, heads, T, d]``, keys and values ``[B, KV heads, T, d]`` of ``normed`` ``[B, T, H]``."""
+        batch, width, _ = normed.shape
+        if self.gpt2:
+            qkv = layer.attn.c_attn(normed).view(batch, width, 3, self.heads, self.head_dim)
+            query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, T, d]
+            return query, key, value
+        attention = layer.self_attn
+        query = attention.q_proj(normed).view(batch, width, self.heads, self.head_dim)
+        key = attention.k_proj(normed).view(batch, width, self.kv_heads, self.head_dim)
+        value = attention.v_proj(normed).view(batch, width, self.kv_heads, self.head_dim)
+        if hasattr(attention, "q_norm"):  # Qwen3: RMS norm over each head's vector, before the rotation
+            query, key = attention.q_norm(query), attention.k_norm(key)
+        cos, sin = extra
+        query, key = self.rotary(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
+        return query, key, value.transpose(1, 2)
+
+    def _attention(self, layer: nn.Module, query: Tensor, key: Tensor, value: Tensor, mask) -> Tensor:
+        """Scaled dot-product attention ``[B, heads, Q, d]`` -> merged heads ``[B, Q, heads * d]``."""
+        attention = layer.attn if self.gpt2 else layer.self_attn
+        if self.gpt2:
+            dropout = attention.attn_dropout.p
+        else:
+            dropout = attention.attention_dropout
+        output = F.scaled_dot_product_attention(
+            query,
+            key,
+            value,
+            attn_mask=mask,
+            dropout_p=dropout if attention.training else 0.0,
+            is_causal=mask is None and query.shape[2] == key.shape[2] and query.shape[2] > 1,
+            scale=attention.scaling,
+            enable_gqa=self.kv_heads != self.heads,
+        )
+        return output.transpose(1, 2).flatten(2)
+
+    def _finish(self, layer: nn.Module, hidden: Tensor, attended: Tensor) -> Tensor:
+        """Output projection, residual, MLP and residual of a layer; ``hidden`` is the layer's input."""
+        if self.gpt2:
+            hidden = hidden + layer.attn.resid_dropout(layer.attn.c_proj(attended))
+            return hidden + layer.mlp(layer.ln_2(hidden))
+        hidden = hidden + layer.self_attn.o_proj(attended)
+        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+    def _norm_in(self, layer: nn.Module, hidden: Tensor) -> Tensor:
+        return layer.ln_1(hidden) if self.gpt2 else layer.input_layernorm(hidden)
+
+    def _layer(self, layer, hidden: Tensor, extra, mask, cache=None) -> Tensor:
+        """A whole layer over every position; with ``cache``, its keys and values are stored for decoding."""
+        query, key, value = self._projections(layer, self._norm_in(layer, hidden), extra)
+        if cache is not None:
+            _store(cache, key, value)
+        return self._finish(layer, hidden, self._attention(layer, query, key, value, mask))
+
+    def _last_layer(self, layer, hidden: Tensor, extra, mask, query_positions: Tensor, cache=None) -> Tensor:
+        """The last layer at ``query_positions`` ``[B, Q]`` only (keys/values everywhere); returns ``[B, Q, H]``."""
+        query, key, value = self._projections(layer, self._norm_in(layer, hidden), extra)
+        if cache is not None:
+            _store(cache, key, value)
+        # [B, heads, Q, d]: the queries of the kept positions
+        index = query_positions[:, None, :, None].expand(-1, query.shape[1], -1, query.shape[3])
+        query = query.gather(2, index)
+        kept = hidden.gather(1, query_positions[:, :, None].expand(-1, -1, hidden.shape[-1]))  # [B, Q, H]
+        return self._finish(layer, kept, self._attention(layer, query, key, value, mask))
+
+    def _decode_layer(self, layer, hidden: Tensor, extra, mask, cache: KVCache, index: int) -> Tensor:
+        query, key, value = self._projections(layer, self._norm_in(layer, hidden), extra)
+        start = cache.length
+        cache.keys[index][:, :, start : start + 1] = key
+        cache.values[index][:, :, start : start + 1] = value
+        keys = cache.keys[index][:, :, : start + 1]
+        values = cache.values[index][:, :, : start + 1]
+        return self._finish(layer, hidden, self._attention(layer, query, keys, values, mask))
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    """Whether activation checkpointing is on (``gradient_checkpointing_enable``), asked without warnings."""
+    name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else None
+    return bool(getattr(model, name or "is_gradient_checkpointing", False))
+
+
+def _store(cache: tuple[list[Tensor], list[Tensor], int], key: Tensor, value: Tensor) -> None:
+    """Put a prefill's keys and values ``[B, KV heads, P, d]`` at the start of new buffers of the capacity."""
+    keys, values, capacity = cache
+    batch, heads, width, dim = key.shape
+    for source, buffers in ((key, keys), (value, values)):
+        buffer = source.new_empty(batch, heads, capacity, dim)
+        buffer[:, :, :width] = source
+        buffers.append(buffer)
+
+
+def _attention_mask(key_valid: Tensor, query_positions: Tensor, width: int | None = None) -> Tensor:
+    """Boolean SDPA mask ``[B, 1, Q, T]`` (True = attend): causal by position, padding keys excluded.
+
+    ``key_valid`` ``[B, T]``; ``query_positions`` ``[B, Q]``, each query's index in ``[0, T)``. A query
+    always sees itself, so a padding position (whose output is never read) has at least one key and
+    softmax stays finite.
+    """
+    width = key_valid.shape[1] if width is None else width
+    key_index = torch.arange(width, device=key_valid.device)  # [T]
+    causal = key_index[None, None, :] <= query_positions[:, :, None]  # [B, Q, T]
+    itself = key_index[None, None, :] == query_positions[:, :, None]
+    return ((causal & key_valid[:, None, :]) | itself)[:, None]

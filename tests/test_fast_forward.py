@@ -1,0 +1,200 @@
+"""Our own decoder forward (``distillm.fast_forward``) against the Hugging Face forward of each family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from distillm.fast_forward import fast_decoder
+
+VOCAB = 61
+FAMILIES = ["gpt2", "llama", "qwen2", "qwen3", "mistral"]
+
+
+def build(family: str, seed: int = 1, **extra):
+    """A 3-layer random model; the Llama layout gets grouped keys/values (4 query heads, 2 KV heads)."""
+    ids = {"vocab_size": VOCAB, "eos_token_id": 0, "bos_token_id": 0, "pad_token_id": 0}
+    if family == "gpt2":
+        sizes = {
+            "n_layer": 3,
+            "n_embd": 32,
+            "n_head": 4,
+            "embd_pdrop": 0.0,
+            "resid_pdrop": 0.0,
+            "attn_pdrop": 0.0,
+        }
+    else:
+        sizes = {
+            "num_hidden_layers": 3,
+            "hidden_size": 32,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "intermediate_size": 64,
+            "max_position_embeddings": 256,
+        }
+        if family == "mistral":
+            sizes["sliding_window"] = None
+    config = AutoConfig.for_model(family, **{**ids, **sizes, **extra})
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def right_padded_batch():
+    """Three rows of lengths 12, 7, 9 (right-padded) and the response span each keeps."""
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(1, VOCAB, (3, 12), generator=generator)
+    attention_mask = (torch.arange(12)[None, :] < torch.tensor([12, 7, 9])[:, None]).long()
+    keep = torch.zeros(3, 12, dtype=torch.bool)
+    keep[0, 8:12], keep[1, 4:7], keep[2, 6:8] = True, True, True
+    return input_ids, attention_mask, keep
+
+
+def hf_hidden_states(model, input_ids, attention_mask):
+    return model.base_model(
+        input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+    ).last_hidden_state
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hidden_states_at_the_kept_positions_equal_the_hugging_face_forward(family):
+    model = build(family).eval()
+    input_ids, attention_mask, keep = right_padded_batch()
+    decoder = fast_decoder(model)
+    assert decoder is not None
+    with torch.no_grad():
+        reference = hf_hidden_states(model, input_ids, attention_mask)
+        # A few positions per row (the last layer runs there only), and every real position (it runs in full).
+        for kept in (keep, attention_mask.bool()):
+            torch.testing.assert_close(
+                decoder.hidden_states(input_ids, attention_mask, kept), reference[kept]
+            )
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_parameter_gradients_equal_the_hugging_face_forward(family):
+    input_ids, attention_mask, keep = right_padded_batch()
+    weights = torch.randn(int(keep.sum()), 32, generator=torch.Generator().manual_seed(3))
+
+    def gradients(model, hidden_states):
+        model.zero_grad()
+        (hidden_states * weights).sum().backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    model = build(family).train()  # dropout 0: train mode changes nothing else
+    expected = gradients(model, hf_hidden_states(model, input_ids, attention_mask)[keep])
+    actual = gradients(model, fast_decoder(model).hidden_states(input_ids, attention_mask, keep))
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], msg=name)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_decoding_logits_equal_the_hugging_face_forward_over_the_whole_sequence(family):
+    model = build(family).eval()
+    generator = torch.Generator().manual_seed(5)
+    prompt_len, new = 6, 5
+    prompt_mask = (
+        torch.arange(prompt_len)[None, :] >= torch.tensor([0, 3, 1])[:, None]
+    ).long()  # left padding
+    prompt_ids = torch.where(
+        prompt_mask.bool(), torch.randint(1, VOCAB, (3, prompt_len), generator=generator), 0
+    )
+    new_ids = torch.randint(1, VOCAB, (3, new), generator=generator)
+    positions = (prompt_mask.cumsum(-1) - 1).clamp_min(0)
+    decoder = fast_decoder(model)
+    with torch.no_grad():
+        hidden, cache = decoder.prefill(prompt_ids, prompt_mask, positions, capacity=prompt_len + new)
+        steps = [hidden]
+        next_position = positions[:, -1:] + 1
+        for k in range(new - 1):
+            steps.append(decoder.step(new_ids[:, k], next_position, cache))
+            next_position = next_position + 1
+        logits = model.lm_head(torch.stack(steps, 1))  # [B, new, V]
+
+        sequence = torch.cat([prompt_ids, new_ids[:, :-1]], 1)
+        mask = torch.cat([prompt_mask, torch.ones(3, new - 1, dtype=torch.long)], 1)
+        reference = model(
+            input_ids=sequence,
+            attention_mask=mask,
+            position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
+            use_cache=False,
+        ).logits[:, prompt_len - 1 :]
+    torch.testing.assert_close(logits, reference)
+
+
+def test_lora_adapters_apply_in_the_fast_forward():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(
+        build("gpt2"), LoraConfig(r=4, target_modules=["c_attn", "c_fc"], init_lora_weights=False)
+    )
+    model.eval()
+    input_ids, attention_mask, keep = right_padded_batch()
+    with torch.no_grad():
+        reference = hf_hidden_states(model.get_base_model(), input_ids, attention_mask)[keep]
+        with model.disable_adapter():
+            without = hf_hidden_states(model.get_base_model(), input_ids, attention_mask)[keep]
+        actual = fast_decoder(model).hidden_states(input_ids, attention_mask, keep)
+    assert not torch.allclose(reference, without)  # the adapters change the output...
+    torch.testing.assert_close(actual, reference)  # ...and the fast forward applies them
+
+
+def test_gradient_checkpointing_recomputes_layers_and_keeps_the_gradients():
+    input_ids, attention_mask, keep = right_padded_batch()
+
+    def run(checkpointing: bool):
+        model = build("llama").train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        calls = []
+        model.model.layers[0].mlp.register_forward_pre_hook(lambda *args: calls.append(1))
+        fast_decoder(model).hidden_states(input_ids, attention_mask, keep).square().sum().backward()
+        return len(calls), {name: p.grad for name, p in model.named_parameters()}
+
+    plain_calls, plain = run(False)
+    checkpointed_calls, checkpointed = run(True)
+    assert (plain_calls, checkpointed_calls) == (1, 2)  # the first layer's MLP runs again in backward
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], msg=name)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_attention_dropout_applies_in_train_mode_only(family):
+    extra = {"attn_pdrop": 0.5} if family == "gpt2" else {"attention_dropout": 0.5}
+    model = build(family, **extra)
+    input_ids, attention_mask, keep = right_padded_batch()
+    decoder = fast_decoder(model)
+    with torch.no_grad():
+        model.eval()
+        reference = hf_hidden_states(model, input_ids, attention_mask)[keep]
+        torch.testing.assert_close(decoder.hidden_states(input_ids, attention_mask, keep), reference)
+        model.train()
+        assert not torch.allclose(decoder.hidden_states(input_ids, attention_mask, keep), reference)
+
+
+@pytest.mark.parametrize(
+    ("family", "extra"),
+    [
+        ("opt", {}),
+        ("gpt2", {"reorder_and_upcast_attn": True}),
+        ("mistral", {"sliding_window": 4}),
+        ("qwen2", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}),
+    ],
+)
+def test_families_and_settings_it_does_not_reproduce_get_no_fast_forward(family, extra):
+    if family == "opt":
+        config = AutoConfig.for_model(
+            "opt", vocab_size=VOCAB, num_hidden_layers=1, hidden_size=16, num_attention_heads=2, ffn_dim=32
+        )
+        model = AutoModelForCausalLM.from_config(config)
+    else:
+        model = build(family, **extra)
+    assert fast_decoder(model) is None
+
+
+def test_a_model_with_deepspeed_partitioned_parameters_gets_no_fast_forward():
+    model = build("gpt2")
+    assert fast_decoder(model) is not None
+    next(model.parameters()).ds_id = 0  # how ZeRO-3 tags the parameters it partitions
+    assert fast_decoder(model) is None
