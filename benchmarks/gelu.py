@@ -20,6 +20,7 @@ per-call time and the ratios of the medians.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -73,8 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     print(
-        f"torch {torch.__version__}, fp32 CPU, {torch.get_num_threads()} threads, median of {args.repeats} rounds"
-    )
+        f"torch {torch.__version__}, fp32 CPU, {torch.get_num_threads()} threads, "
+        f"median of {args.repeats} rounds, load average {os.getloadavg()[0]:.2f} at the start"
+    )  # other jobs' load moves these figures, ours' (four kernels) more than F.gelu's (one)
     print()
     print("| shape | pass | F.gelu ms | gelu_new ms | ours ms | F.gelu / ours | gelu_new / ours |")
     print("|---|---|---:|---:|---:|---:|---:|")
@@ -92,10 +94,11 @@ def main(argv: list[str] | None = None) -> int:
                     seconds[name].append(seconds_per_call(gelu, x, pass_upstream, args.iters))
             ms = {name: statistics.median(values) * 1e3 for name, values in seconds.items()}
             print(
-                f"| {list(shape)} | {pass_name} | {ms['F.gelu']:.2f} | {ms['gelu_new']:.2f} | {ms['ours']:.2f} | "
-                f"{ms['F.gelu'] / ms['ours']:.2f}x | {ms['gelu_new'] / ms['ours']:.2f}x |",
+                f"| {list(shape)} | {pass_name} | {ms['F.gelu']:.2f} | {ms['gelu_new']:.2f} | "
+                f"{ms['ours']:.2f} | {ms['F.gelu'] / ms['ours']:.2f}x | {ms['gelu_new'] / ms['ours']:.2f}x |",
                 flush=True,
             )
+    print(f"\nload average {os.getloadavg()[0]:.2f} at the end")
     return 0
 
 

@@ -247,10 +247,10 @@ class SigmoidTanhGELU(nn.Module):
 
     On a CPU, for float32/float64 inputs of at least 8,192 elements, the forward runs in the sigmoid form
     (``tanh_gelu_as_sigmoid``): ``torch.tanh`` is slow in torch's CPU build, ``sigmoid`` is not, and the
-    forward is ~2x faster at [2080, 1024] fp32 (benchmarks/gelu.py). Its absolute error against a float64
-    reference is float32 rounding (5.2e-7 on [-20, 20], torch's kernel 4.3e-7); in the negative tail it is
-    the more accurate of the two (x = -5: relative error 4e-7 where torch's fp32 kernel is 30% off, as
-    1 + tanh(z) cancels). Everything else (CUDA, bf16/fp16, small tensors) calls
+    forward is ~2x faster at [2080, 1024] fp32 on an idle machine (benchmarks/gelu.py). Its absolute error
+    against a float64 reference is float32 rounding (5.2e-7 on [-20, 20]; torch's kernel 4.3e-7), and in
+    the negative tail it is the more accurate (x = -5: relative error 4e-7, torch's fp32 kernel 30%, as
+    its 1 + tanh(z) cancels). Everything else (CUDA, bf16/fp16, small tensors) calls
     ``F.gelu(x, approximate="tanh")``: bf16 would round each step of the form, where torch's kernel computes
     in fp32. The backward (and double backward) is torch's ``gelu_backward``; with no grad needed
     (``no_grad``, or an input that needs none) nothing is saved. Edge values as ``F.gelu``: +inf -> +inf,
@@ -273,9 +273,11 @@ def fuse_tanh_gelu(model) -> int:
     and ``GELUTanh`` (alias ``PytorchGELUTanh``: ``gelu_pytorch_tanh`` and ``gelu_python_tanh``). All compute
     0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))): ``gelu_new`` as a chain of five or six elementwise ops
     (as many passes over the [B, T, 4H] activations and saved tensors), ``GELUTanh`` as torch's fused kernel,
-    whose tanh is slow on CPU. ``SigmoidTanhGELU`` computes the same function in the sigmoid form:
-    [2080, 1024] fp32, 2 threads, forward ~1.8 ms against ~3.8 ms for ``F.gelu``, forward + backward ~5.8 ms
-    against ~7.8 ms. Outputs and gradients agree with transformers' modules to float rounding
+    whose tanh is slow on CPU. ``SigmoidTanhGELU`` computes the same function in the sigmoid form. Measured
+    by benchmarks/gelu.py (fp32, 2 threads, idle machine) against ``F.gelu``: [2080, 1024] forward 1.9 ms
+    against 3.9-4.0 ms, forward + backward 6.5 ms against 8.0-8.3 ms; GPT-2's MLP [8, 256, 3072] forward
+    1.1-1.4x and forward + backward 1.2x faster; slower than ``F.gelu`` when another job competes for the
+    cores (benchmarks/README.md). Outputs and gradients agree with transformers' modules to float rounding
     (``tests/test_model_families.py``). Only the modules change; ``config.activation_function`` is left as it
     is, so a saved model is unchanged.
     """
