@@ -176,30 +176,27 @@ def test_sigmoid_tanh_gelu_gradient_matches_the_formula_s_float64_gradient(sigmo
     torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
 
 
-def test_sigmoid_tanh_gelu_passes_gradcheck_and_gradgradcheck_in_float64(monkeypatch):
-    import distillm.models as models
+def test_sigmoid_tanh_gelu_passes_gradcheck_and_gradgradcheck_in_float64(sigmoid_form_calls):
+    from distillm.models import SigmoidTanhGELU
 
-    monkeypatch.setattr(models, "_SIGMOID_FORM_MIN_ELEMENTS", 0)  # a small input, so gradcheck stays fast
-    gelu = models.SigmoidTanhGELU()
     x = (torch.randn(6, 7, dtype=torch.float64) * 3).requires_grad_()
-    assert torch.autograd.gradcheck(gelu, (x,))
-    assert torch.autograd.gradgradcheck(gelu, (x,))
+    assert torch.autograd.gradcheck(SigmoidTanhGELU(), (x,))
+    assert torch.autograd.gradgradcheck(SigmoidTanhGELU(), (x,))
+    assert sigmoid_form_calls
 
 
-def test_sigmoid_tanh_gelu_agrees_with_torch_at_edge_values(monkeypatch):
+def test_sigmoid_tanh_gelu_agrees_with_torch_at_edge_values():
     import torch.nn.functional as F
 
-    import distillm.models as models
+    from distillm.models import SigmoidTanhGELU
 
-    monkeypatch.setattr(models, "_SIGMOID_FORM_MIN_ELEMENTS", 0)
     inf, nan = float("inf"), float("nan")
     for dtype in (torch.float32, torch.float64):
-        x = torch.tensor(
-            [inf, -inf, 0.0, -0.0, 1e30, -1e30, 1e3, -1e3, 30.0, -30.0, 1e-40, -1e-40, nan], dtype=dtype
-        )
-        ours, theirs = models.SigmoidTanhGELU()(x), F.gelu(x, approximate="tanh")
-        torch.testing.assert_close(ours, theirs, equal_nan=True)  # gelu(-inf) is NaN (0 * -inf) in both
-        assert ours[0] == inf and torch.isnan(ours[1])
+        values = [inf, -inf, 0.0, -0.0, 1e30, -1e30, 1e3, -1e3, 30.0, -30.0, 1e-40, -1e-40, nan]
+        x = torch.tensor(values, dtype=dtype)
+        ours, theirs = SigmoidTanhGELU()(x), F.gelu(x, approximate="tanh")
+        torch.testing.assert_close(ours, theirs, equal_nan=True)
+        assert ours[0] == inf and torch.isnan(ours[1])  # gelu(-inf) is NaN (0 * -inf) in both
         assert torch.equal(torch.signbit(ours[:-1]), torch.signbit(theirs[:-1]))  # -0.0 stays -0.0
 
 
@@ -231,15 +228,13 @@ def test_sigmoid_tanh_gelu_saves_only_its_input_and_builds_no_graph_without_grad
     assert len(sigmoid_form_calls) == 3
 
 
-def test_sigmoid_tanh_gelu_leaves_small_bf16_and_half_inputs_to_torch_s_kernel(sigmoid_form_calls):
+def test_sigmoid_tanh_gelu_leaves_bf16_and_half_inputs_to_torch_s_kernel(sigmoid_form_calls):
     import torch.nn.functional as F
 
     from distillm.models import SigmoidTanhGELU
 
     gelu = SigmoidTanhGELU()
-    small = torch.randn(8, 1, 512)  # a decoding step's activations: four extra kernel launches cost more here
-    assert torch.equal(gelu(small), F.gelu(small, approximate="tanh"))
-    for dtype in (torch.bfloat16, torch.float16):
+    for dtype in (torch.bfloat16, torch.float16):  # the form would round each of its steps in 16 bits
         x = torch.randn(64, 512).to(dtype)
         assert torch.equal(gelu(x), F.gelu(x, approximate="tanh"))
     assert sigmoid_form_calls == []
@@ -269,8 +264,7 @@ def test_loading_swaps_tanh_gelus_for_the_sigmoid_form_with_the_same_outputs_gra
     assert not any(type(m) is hf_class for m in model.modules())
     assert sum(isinstance(m, SigmoidTanhGELU) for m in model.modules()) == 2
 
-    # [4, 32] tokens -> [4, 32, 128] MLP activations: above the size where the sigmoid form takes over
-    ids = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     out, ref = model(input_ids=ids, labels=ids), reference(input_ids=ids, labels=ids)
     assert len(sigmoid_form_calls) == 2  # one per layer
     torch.testing.assert_close(out.logits, ref.logits)  # float32 rounding-level tolerances

@@ -209,10 +209,6 @@ def warn_slow_bf16_conv1d(model, dtype: str, role: str) -> bool:
 # The tanh-GELU's argument z = sqrt(2/pi) (x + 0.044715 x^3), doubled: 2z = x (LINEAR + CUBIC x^2).
 _TWO_Z_LINEAR = 2 * math.sqrt(2 / math.pi)
 _TWO_Z_CUBIC = _TWO_Z_LINEAR * 0.044715
-# Below this many elements the form's three extra kernel launches cost more than tanh saves (crossover
-# measured between 1,024 and 4,096 fp32 elements, 2 threads; 8,192 leaves a margin): a decoding step's
-# [B, 1, 4H] activations stay on F.gelu.
-_SIGMOID_FORM_MIN_ELEMENTS = 8192
 
 
 def tanh_gelu_as_sigmoid(x: Tensor) -> Tensor:
@@ -245,12 +241,12 @@ class _SigmoidTanhGELUFunction(torch.autograd.Function):
 class SigmoidTanhGELU(nn.Module):
     """The tanh-approximated GELU (GPT-2's ``gelu_new``), a drop-in for ``F.gelu(x, approximate="tanh")``.
 
-    On a CPU, for float32/float64 inputs of at least 8,192 elements, the forward runs in the sigmoid form
+    On a CPU, for float32/float64 inputs (of any size), the forward runs in the sigmoid form
     (``tanh_gelu_as_sigmoid``): ``torch.tanh`` is slow in torch's CPU build, ``sigmoid`` is not, and the
     forward is ~2x faster at [2080, 1024] fp32 on an idle machine (benchmarks/gelu.py). Its absolute error
     against a float64 reference is float32 rounding (5.2e-7 on [-20, 20]; torch's kernel 4.3e-7), and in
     the negative tail it is the more accurate (x = -5: relative error 4e-7, torch's fp32 kernel 30%, as
-    its 1 + tanh(z) cancels). Everything else (CUDA, bf16/fp16, small tensors) calls
+    its 1 + tanh(z) cancels). Everything else (CUDA, bf16/fp16) calls
     ``F.gelu(x, approximate="tanh")``: bf16 would round each step of the form, where torch's kernel computes
     in fp32. The backward (and double backward) is torch's ``gelu_backward``; with no grad needed
     (``no_grad``, or an input that needs none) nothing is saved. Edge values as ``F.gelu``: +inf -> +inf,
@@ -258,8 +254,9 @@ class SigmoidTanhGELU(nn.Module):
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        fast = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-        if not fast or x.numel() < _SIGMOID_FORM_MIN_ELEMENTS:
+        # No size threshold, though F.gelu is faster below ~4,096 elements (by up to ~10 us a call): the path
+        # must not depend on the batch shape, or 2 processes x batch 2 would compute differently from 1 x 4.
+        if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
             return nn.functional.gelu(x, approximate="tanh")
         if torch.is_grad_enabled() and x.requires_grad:
             return _SigmoidTanhGELUFunction.apply(x)
