@@ -255,7 +255,7 @@ class SigmoidTanhGELU(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # No size threshold, though F.gelu is faster below ~4,096 elements (by up to ~10 us a call): the path
-        # must not depend on the batch shape, or 2 processes x batch 2 would compute differently from 1 x 4.
+        # must not depend on the batch shape (2 processes x batch 2 should compute what 1 x batch 4 does).
         if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
             return nn.functional.gelu(x, approximate="tanh")
         if torch.is_grad_enabled() and x.requires_grad:
