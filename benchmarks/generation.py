@@ -6,8 +6,8 @@ sampled while both loops still check for it). Runs alternate, so background load
 shows the median of `--repeats` runs and the ratios of the medians.
 
 "ours" runs on the very model object `generate` runs on: the sampler alone. Where distillm's loader changes
-the model (`distillm.models.fuse_tanh_gelu`: GPT-2's `gelu_new` becomes PyTorch's fused tanh-GELU, the same
-function up to float rounding), a third column "ours, as loaded" runs our sampler on a copy of the model with
+the model (`distillm.models.fuse_tanh_gelu`: GPT-2's `gelu_new` becomes `SigmoidTanhGELU`, the same function
+up to float rounding), a third column "ours, as loaded" runs our sampler on a copy of the model with
 that swap, which is what `distillm train/generate/evaluate` actually sample from; `generate` keeps the
 Hugging Face modules. For Llama-family models the loader changes nothing, and the column repeats "ours".
 

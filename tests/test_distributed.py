@@ -21,9 +21,11 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
 
 # fp32 on 2 CPU processes vs 1: the same rows and the same normalisation, only the summation order of the
-# all-reduce differs, so the losses and weights agree to float32 rounding after a few steps.
+# all-reduce (and of batch-shaped kernels) differs, so the losses and weights agree to float32 rounding after
+# a few steps. Adam amplifies that rounding unevenly: the largest weight difference was 1.0e-5 with seed 3
+# and 3.5e-6 / 1.5e-6 with seeds 4 / 5 (torch's fused tanh-GELU: 3.4e-6, 3.7e-6, 2.4e-6), hence 2e-5.
 LOSS_RTOL = 1e-5
-WEIGHT_ATOL = 1e-5
+WEIGHT_ATOL = 2e-5
 
 
 def overrides(task_data, pair, out: Path, **extra) -> list[str]:

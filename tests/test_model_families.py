@@ -135,29 +135,138 @@ def test_on_a_gpu_in_bf16_the_chunked_and_dense_losses_and_gradients_agree(tiny_
     torch.testing.assert_close(results[16][1], results[0][1], rtol=5e-2, atol=1e-3)
 
 
-def test_loading_swaps_gpt2_gelu_new_for_the_fused_kernel_with_the_same_outputs_and_config(
-    tiny_model_factory, tmp_path
+def tanh_gelu_reference(x: torch.Tensor) -> torch.Tensor:
+    """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) in float64, straight from the formula."""
+    x = x.double()
+    return 0.5 * x * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (x + 0.044715 * x**3)))
+
+
+@pytest.fixture
+def sigmoid_form_calls(monkeypatch):
+    """Counts calls of the sigmoid-form forward, so a test can tell which path ``SigmoidTanhGELU`` took."""
+    import distillm.models as models
+
+    calls = []
+    original = models.tanh_gelu_as_sigmoid
+    monkeypatch.setattr(models, "tanh_gelu_as_sigmoid", lambda x: calls.append(x) or original(x))
+    return calls
+
+
+@pytest.mark.parametrize("requires_grad", [True, False])
+def test_sigmoid_tanh_gelu_matches_the_tanh_formula_in_float64(sigmoid_form_calls, requires_grad):
+    from distillm.models import SigmoidTanhGELU
+
+    x = torch.linspace(-20, 20, 200_001).requires_grad_(requires_grad)
+    y = SigmoidTanhGELU()(x)
+    assert len(sigmoid_form_calls) == 1 and y.dtype == torch.float32
+    error = (y.double() - tanh_gelu_reference(x.detach())).abs()
+    assert error.max() < 1e-6  # float32 rounding: torch's own F.gelu is off by up to ~4.3e-7 here
+
+
+def test_sigmoid_tanh_gelu_gradient_matches_the_formula_s_float64_gradient(sigmoid_form_calls):
+    from distillm.models import SigmoidTanhGELU
+
+    generator = torch.Generator().manual_seed(0)
+    x = (torch.randn(64, 512, generator=generator) * 4).requires_grad_()
+    upstream = torch.randn(64, 512, generator=generator)
+    SigmoidTanhGELU()(x).backward(upstream)
+    x64 = x.detach().double().requires_grad_()
+    tanh_gelu_reference(x64).backward(upstream.double())
+    assert len(sigmoid_form_calls) == 1
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_sigmoid_tanh_gelu_passes_gradcheck_and_gradgradcheck_in_float64(sigmoid_form_calls):
+    from distillm.models import SigmoidTanhGELU
+
+    x = (torch.randn(6, 7, dtype=torch.float64) * 3).requires_grad_()
+    assert torch.autograd.gradcheck(SigmoidTanhGELU(), (x,))
+    assert torch.autograd.gradgradcheck(SigmoidTanhGELU(), (x,))
+    assert sigmoid_form_calls
+
+
+def test_sigmoid_tanh_gelu_agrees_with_torch_at_edge_values():
+    import torch.nn.functional as F
+
+    from distillm.models import SigmoidTanhGELU
+
+    inf, nan = float("inf"), float("nan")
+    for dtype in (torch.float32, torch.float64):
+        values = [inf, -inf, 0.0, -0.0, 1e30, -1e30, 1e3, -1e3, 30.0, -30.0, 1e-40, -1e-40, nan]
+        x = torch.tensor(values, dtype=dtype)
+        ours, theirs = SigmoidTanhGELU()(x), F.gelu(x, approximate="tanh")
+        torch.testing.assert_close(ours, theirs, equal_nan=True)
+        assert ours[0] == inf and torch.isnan(ours[1])  # gelu(-inf) is NaN (0 * -inf) in both
+        assert torch.equal(torch.signbit(ours[:-1]), torch.signbit(theirs[:-1]))  # -0.0 stays -0.0
+
+
+def test_sigmoid_tanh_gelu_handles_non_contiguous_input_and_its_gradient(sigmoid_form_calls):
+    from distillm.models import SigmoidTanhGELU
+
+    base = (torch.randn(512, 64) * 4).requires_grad_()
+    x = base.t()[:, ::2]  # [64, 256], strided both ways
+    assert not x.is_contiguous()
+    y = SigmoidTanhGELU()(x)
+    y.backward(torch.ones_like(y))
+    assert len(sigmoid_form_calls) == 1 and y.shape == x.shape
+    assert (y.double() - tanh_gelu_reference(x.detach())).abs().max() < 1e-6
+    base64 = base.detach().double().requires_grad_()
+    tanh_gelu_reference(base64.t()[:, ::2]).sum().backward()
+    torch.testing.assert_close(base.grad.double(), base64.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_sigmoid_tanh_gelu_saves_only_its_input_and_builds_no_graph_without_grad(sigmoid_form_calls):
+    from distillm.models import SigmoidTanhGELU
+
+    gelu = SigmoidTanhGELU()
+    x = torch.randn(16, 1024, requires_grad=True)
+    y = gelu(x)
+    assert [t.data_ptr() for t in y.grad_fn.saved_tensors] == [x.data_ptr()]
+    with torch.no_grad():
+        assert gelu(x).grad_fn is None
+    assert gelu(x.detach()).grad_fn is None
+    assert len(sigmoid_form_calls) == 3
+
+
+def test_sigmoid_tanh_gelu_leaves_bf16_and_half_inputs_to_torch_s_kernel(sigmoid_form_calls):
+    import torch.nn.functional as F
+
+    from distillm.models import SigmoidTanhGELU
+
+    gelu = SigmoidTanhGELU()
+    for dtype in (torch.bfloat16, torch.float16):  # the form would round each of its steps in 16 bits
+        x = torch.randn(64, 512).to(dtype)
+        assert torch.equal(gelu(x), F.gelu(x, approximate="tanh"))
+    assert sigmoid_form_calls == []
+
+
+@pytest.mark.parametrize(
+    "activation, transformers_class",
+    [
+        ("gelu_new", "NewGELUActivation"),
+        ("gelu_fast", "FastGELUActivation"),
+        ("gelu_pytorch_tanh", "GELUTanh"),
+    ],
+)
+def test_loading_swaps_tanh_gelus_for_the_sigmoid_form_with_the_same_outputs_gradients_and_config(
+    tiny_model_factory, tmp_path, sigmoid_form_calls, activation, transformers_class
 ):
+    import transformers.activations
     from transformers import AutoModelForCausalLM
-    from transformers.activations import GELUTanh, NewGELUActivation
 
-    from distillm.models import load_causal_lm
+    from distillm.models import SigmoidTanhGELU, load_causal_lm
 
-    folder = tiny_model_factory("gpt2", seed=3, layers=2, hidden=32, heads=2)
-    reference = AutoModelForCausalLM.from_pretrained(str(folder)).eval()  # HF's own gelu_new modules
+    hf_class = getattr(transformers.activations, transformers_class)
+    folder = tiny_model_factory("gpt2", seed=3, layers=2, hidden=32, heads=2, activation_function=activation)
+    reference = AutoModelForCausalLM.from_pretrained(str(folder)).eval()  # transformers' own modules
     model = load_causal_lm(str(folder)).eval()
-    assert sum(isinstance(m, NewGELUActivation) for m in reference.modules()) == 2
-    assert not any(isinstance(m, NewGELUActivation) for m in model.modules())
-    assert sum(isinstance(m, GELUTanh) for m in model.modules()) == 2
-
-    x = torch.randn(10_000) * 4  # the activation alone, against the formula in float64
-    expected = (
-        0.5 * x.double() * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (x.double() + 0.044715 * x.double() ** 3)))
-    )
-    assert (GELUTanh()(x).double() - expected).abs().max() < 1e-5
+    assert sum(type(m) is hf_class for m in reference.modules()) == 2
+    assert not any(type(m) is hf_class for m in model.modules())
+    assert sum(isinstance(m, SigmoidTanhGELU) for m in model.modules()) == 2
 
     ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     out, ref = model(input_ids=ids, labels=ids), reference(input_ids=ids, labels=ids)
+    assert len(sigmoid_form_calls) == 2  # one per layer
     torch.testing.assert_close(out.logits, ref.logits)  # float32 rounding-level tolerances
     out.loss.backward()
     ref.loss.backward()
@@ -166,7 +275,7 @@ def test_loading_swaps_gpt2_gelu_new_for_the_fused_kernel_with_the_same_outputs_
 
     model.save_pretrained(str(tmp_path / "saved"))
     saved = json.loads((tmp_path / "saved" / "config.json").read_text())
-    assert saved["activation_function"] == "gelu_new"  # the saved model is unchanged
+    assert saved["activation_function"] == activation  # the saved model is unchanged
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the warning is about CPUs")
