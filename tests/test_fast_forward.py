@@ -123,6 +123,60 @@ def test_decoding_logits_equal_the_hugging_face_forward_over_the_whole_sequence(
     torch.testing.assert_close(logits, reference)
 
 
+def shared_prefix_batch(prefix: int = 4):
+    """``right_padded_batch`` with the first ``prefix`` tokens made the same in every row."""
+    input_ids, attention_mask, keep = right_padded_batch()
+    input_ids[:, :prefix] = input_ids[0, :prefix]
+    return input_ids, attention_mask, keep
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_prefix_shared_by_every_row_runs_once_with_the_same_states_and_gradients(family):
+    input_ids, attention_mask, keep = shared_prefix_batch()
+    model = build(family).train()  # dropout 0
+    decoder = fast_decoder(model)
+    assert decoder._shared_prefix(input_ids, attention_mask, keep) == 4
+    calls = []  # embedding lookups and the rows each one covers
+    model.get_input_embeddings().register_forward_hook(
+        lambda m, args, out: calls.append(tuple(args[0].shape))
+    )
+    weights = torch.randn(int(keep.sum()), 32, generator=torch.Generator().manual_seed(3))
+
+    def gradients(hidden_states):
+        model.zero_grad()
+        (hidden_states * weights).sum().backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        return hidden_states.detach(), grads
+
+    expected, expected_grads = gradients(hf_hidden_states(model, input_ids, attention_mask)[keep])
+    calls.clear()
+    actual, actual_grads = gradients(decoder.hidden_states(input_ids, attention_mask, keep))
+    assert calls == [(1, 4), (3, 8)]  # the prefix once, then every row from position 4
+    torch.testing.assert_close(actual, expected)
+    assert actual_grads.keys() == expected_grads.keys()
+    for name, expected_grad in expected_grads.items():
+        # Summing the prefix's gradient over the rows in another order: float32 rounding, relative to scale.
+        scale = float(expected_grad.abs().max())
+        torch.testing.assert_close(actual_grads[name], expected_grad, rtol=1e-5, atol=1e-6 * scale, msg=name)
+
+
+def test_the_shared_prefix_stops_at_the_first_kept_position_and_padding_and_is_off_under_dropout():
+    input_ids, attention_mask, keep = shared_prefix_batch(prefix=8)
+    decoder = fast_decoder(build("gpt2"))
+    assert decoder._shared_prefix(input_ids, attention_mask, keep) == 4  # row 1 keeps position 4
+    keep[1, 4] = False
+    assert decoder._shared_prefix(input_ids, attention_mask, keep) == 5  # row 1 keeps position 5
+    assert decoder._shared_prefix(input_ids[:1], attention_mask[:1], keep[:1]) == 0  # one row: nothing shared
+    attention_mask[2, 3:] = 0  # row 2 is padding from position 3 on
+    assert decoder._shared_prefix(input_ids, attention_mask, keep) == 0  # 3 < _MIN_SHARED_PREFIX
+    dropout = fast_decoder(build("gpt2", resid_pdrop=0.1))
+    input_ids, attention_mask, keep = shared_prefix_batch()
+    dropout.model.eval()
+    assert dropout._shared_prefix(input_ids, attention_mask, keep) == 4
+    dropout.model.train()  # one dropout mask per row: no sharing
+    assert dropout._shared_prefix(input_ids, attention_mask, keep) == 0
+
+
 def test_lora_adapters_apply_in_the_fast_forward():
     from peft import LoraConfig, get_peft_model
 

@@ -43,6 +43,8 @@ FAST_FORWARD_MODEL_TYPES = LLAMA_LAYOUT_TYPES | {"gpt2"}
 # Below this share of kept positions the last layer runs on the kept positions only; above it the gather
 # and the [B, Q, T] mask cost more than the few skipped positions save.
 _MAX_KEPT_SHARE = 0.75
+# A shared prefix shorter than this runs with every row: its separate batch-of-one pass would cost more.
+_MIN_SHARED_PREFIX = 4
 
 
 @dataclass
@@ -121,34 +123,75 @@ class FastDecoder:
 
         ``input_ids`` / ``attention_mask`` ``[B, T]``: a batch whose rows are right-padded (positions count
         from 0 in every row, as the Hugging Face forward does without ``position_ids``).
+
+        A prefix every row shares (the prompt template's opening words: the same tokens at the same
+        positions) has the same keys and values in every row, since a causal layer's state at a position
+        depends only on the tokens up to it. It runs once, as a batch of one row, and its keys and values
+        are broadcast to every row (with gradients summed back over the rows). Not while dropout is active,
+        which would draw one mask for all rows instead of one per row.
         """
         batch, width = input_ids.shape
-        positions = torch.arange(width, device=input_ids.device)  # [T]
-        padded = not bool(attention_mask.all())
-        mask = (
-            _attention_mask(attention_mask.bool(), positions[None, :].expand(batch, width))
-            if padded
-            else None
-        )
-        hidden, extra = self._embed(input_ids, positions[None, :])
-        for layer in self.layers[:-1]:
-            hidden = self._maybe_checkpoint(self._layer, layer, hidden, extra, mask)
         kept_per_row = keep.sum(-1)  # [B]
         queries = int(kept_per_row.max()) if keep.numel() else 0
         if queries == 0:
-            return hidden.new_zeros(0, hidden.shape[-1])
-        if queries > _MAX_KEPT_SHARE * width:
-            hidden = self._maybe_checkpoint(self._layer, self.layers[-1], hidden, extra, mask)
-            return self._final_norm(hidden)[keep]
+            return self.base.get_input_embeddings().weight.new_zeros(0, self.model.config.hidden_size)
+        shared = self._shared_prefix(input_ids, attention_mask, keep)
+        past = self._prefix_keys_values(input_ids[:1, :shared]) if shared else [None] * len(self.layers)
+        positions = torch.arange(shared, width, device=input_ids.device)  # [S]: the rest, S = T - shared
+        padded = not bool(attention_mask.all())
+        # Without padding or prefix a plain causal mask (SDPA's is_causal) does.
+        mask = (
+            _attention_mask(attention_mask.bool(), positions[None, :].expand(batch, -1), width)
+            if padded or shared
+            else None
+        )  # [B, 1, S, T]
+        hidden, extra = self._embed(input_ids[:, shared:], positions[None, :])
+        for layer, layer_past in zip(self.layers[:-1], past[:-1]):
+            hidden = self._maybe_checkpoint(self._layer, layer, hidden, extra, mask, layer_past)
+        if queries > _MAX_KEPT_SHARE * (width - shared):
+            hidden = self._maybe_checkpoint(self._layer, self.layers[-1], hidden, extra, mask, past[-1])
+            return self._final_norm(hidden)[keep[:, shared:]]
         # Each row's kept positions first, in order (a stable sort puts True before False), cut to the most
         # any row keeps; `valid` marks the real ones among them.
-        query_positions = keep.int().argsort(dim=-1, descending=True, stable=True)[:, :queries]  # [B, Q]
+        query_positions = keep[:, shared:].int().argsort(dim=-1, descending=True, stable=True)[:, :queries]
         valid = torch.arange(queries, device=keep.device) < kept_per_row[:, None]  # [B, Q]
-        query_mask = _attention_mask(attention_mask.bool(), query_positions, width)  # [B, 1, Q, T]
+        query_mask = _attention_mask(attention_mask.bool(), query_positions + shared, width)  # [B, 1, Q, T]
         hidden = self._maybe_checkpoint(
-            self._last_layer, self.layers[-1], hidden, extra, query_mask, query_positions
+            self._last_layer, self.layers[-1], hidden, extra, query_mask, query_positions, past[-1]
         )  # [B, Q, H]
         return self._final_norm(hidden[valid])  # [N, H]
+
+    def _shared_prefix(self, input_ids: Tensor, attention_mask: Tensor, keep: Tensor) -> int:
+        """How many leading positions every row shares (same real tokens, none kept); 0 when not worth it."""
+        batch, width = input_ids.shape
+        if batch < 2:
+            return 0
+        same = (input_ids == input_ids[:1]).all(0) & attention_mask.bool().all(0) & ~keep.any(0)  # [T]
+        shared = int(same.int().cumprod(0).sum())
+        # A row needs at least one position of its own; a short prefix saves less than its extra calls cost.
+        shared = min(shared, width - 1)
+        if shared < _MIN_SHARED_PREFIX or (self.model.training and self._dropout_active()):
+            return 0
+        return shared
+
+    def _dropout_active(self) -> bool:
+        attention = self.layers[0].attn if self.gpt2 else self.layers[0].self_attn
+        attention_p = attention.attn_dropout.p if self.gpt2 else attention.attention_dropout
+        return attention_p > 0 or any(
+            isinstance(module, nn.Dropout) and module.p > 0 for module in self.model.modules()
+        )
+
+    def _prefix_keys_values(self, prefix_ids: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Keys and values ``[1, KV heads, P, d]`` of every layer for the shared prefix ``[1, P]``."""
+        positions = torch.arange(prefix_ids.shape[1], device=prefix_ids.device)[None, :]
+        hidden, extra = self._embed(prefix_ids, positions)
+        recorded: list[tuple[Tensor, Tensor]] = []
+        for layer in self.layers[:-1]:
+            hidden = self._layer(layer, hidden, extra, None, record=recorded)
+        # The last layer: only its keys and values (no position of the prefix is kept).
+        _, key, value = self._projections(self.layers[-1], self._norm_in(self.layers[-1], hidden), extra)
+        recorded.append((key, value))
+        return recorded
 
     def _maybe_checkpoint(self, function: Callable[..., Tensor], *args) -> Tensor:
         if self.model.training and _checkpointing(self.model):
@@ -171,14 +214,15 @@ class FastDecoder:
         index = torch.arange(width, device=input_ids.device)[None, :].expand(batch, width)
         mask = _attention_mask(key_valid, index) if padded else None
         hidden, extra = self._embed(input_ids, positions)
-        keys, values = [], []
+        recorded: list[tuple[Tensor, Tensor]] = []
         for layer in self.layers[:-1]:
-            hidden = self._layer(layer, hidden, extra, mask, cache=(keys, values, capacity))
+            hidden = self._layer(layer, hidden, extra, mask, record=recorded)
         last = index[:, -1:]  # [B, 1]
         last_mask = mask[:, :, -1:] if mask is not None else None
         hidden = self._last_layer(
-            self.layers[-1], hidden, extra, last_mask, last, cache=(keys, values, capacity)
+            self.layers[-1], hidden, extra, last_mask, last, record=recorded
         )  # [B, 1, H]
+        keys, values = _buffers(recorded, capacity)
         key_mask = None
         if padded:
             key_mask = torch.ones(batch, 1, 1, capacity, dtype=torch.bool, device=input_ids.device)
@@ -256,18 +300,26 @@ class FastDecoder:
     def _norm_in(self, layer: nn.Module, hidden: Tensor) -> Tensor:
         return layer.ln_1(hidden) if self.gpt2 else layer.input_layernorm(hidden)
 
-    def _layer(self, layer, hidden: Tensor, extra, mask, cache=None) -> Tensor:
-        """A whole layer over every position; with ``cache``, its keys and values are stored for decoding."""
+    def _layer(self, layer, hidden: Tensor, extra, mask, past=None, record=None) -> Tensor:
+        """A whole layer over the positions of ``hidden`` ``[B, S, H]``.
+
+        ``past``: keys and values ``[1 or B, KV heads, P, d]`` of earlier positions to attend to as well
+        (the shared prefix); ``record``: a list the layer's own keys and values are appended to.
+        """
         query, key, value = self._projections(layer, self._norm_in(layer, hidden), extra)
-        if cache is not None:
-            _store(cache, key, value)
+        if record is not None:
+            record.append((key, value))
+        key, value = _with_past(past, key, value)
         return self._finish(layer, hidden, self._attention(layer, query, key, value, mask))
 
-    def _last_layer(self, layer, hidden: Tensor, extra, mask, query_positions: Tensor, cache=None) -> Tensor:
+    def _last_layer(
+        self, layer, hidden: Tensor, extra, mask, query_positions: Tensor, past=None, record=None
+    ) -> Tensor:
         """The last layer at ``query_positions`` ``[B, Q]`` only (keys/values everywhere); returns ``[B, Q, H]``."""
         query, key, value = self._projections(layer, self._norm_in(layer, hidden), extra)
-        if cache is not None:
-            _store(cache, key, value)
+        if record is not None:
+            record.append((key, value))
+        key, value = _with_past(past, key, value)
         # [B, heads, Q, d]: the queries of the kept positions
         index = query_positions[:, None, :, None].expand(-1, query.shape[1], -1, query.shape[3])
         query = query.gather(2, index)
@@ -290,14 +342,25 @@ def _checkpointing(model: nn.Module) -> bool:
     return bool(getattr(model, name or "is_gradient_checkpointing", False))
 
 
-def _store(cache: tuple[list[Tensor], list[Tensor], int], key: Tensor, value: Tensor) -> None:
-    """Put a prefill's keys and values ``[B, KV heads, P, d]`` at the start of new buffers of the capacity."""
-    keys, values, capacity = cache
-    batch, heads, width, dim = key.shape
-    for source, buffers in ((key, keys), (value, values)):
-        buffer = source.new_empty(batch, heads, capacity, dim)
-        buffer[:, :, :width] = source
-        buffers.append(buffer)
+def _with_past(past: tuple[Tensor, Tensor] | None, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+    """``key`` / ``value`` ``[B, KV heads, S, d]`` preceded by ``past``'s, broadcast over the batch."""
+    if past is None:
+        return key, value
+    past_key, past_value = past
+    size = (key.shape[0], -1, -1, -1)
+    return torch.cat([past_key.expand(size), key], 2), torch.cat([past_value.expand(size), value], 2)
+
+
+def _buffers(recorded: list[tuple[Tensor, Tensor]], capacity: int) -> tuple[list[Tensor], list[Tensor]]:
+    """Each layer's prefill keys and values ``[B, KV heads, P, d]`` at the start of buffers of ``capacity``."""
+    keys, values = [], []
+    for key, value in recorded:
+        for source, buffers in ((key, keys), (value, values)):
+            batch, heads, width, dim = source.shape
+            buffer = source.new_empty(batch, heads, capacity, dim)
+            buffer[:, :, :width] = source
+            buffers.append(buffer)
+    return keys, values
 
 
 def _attention_mask(key_valid: Tensor, query_positions: Tensor, width: int | None = None) -> Tensor:
