@@ -169,7 +169,7 @@ class _StudentGradient(torch.autograd.Function):
 
     The forward pass computes the value and ``d value / d student_logits`` together, since they share their
     intermediates (log-softmaxes, the mixture, the log ratios), and saves that gradient alone: one float32
-    ``[..., V]`` tensor, where autograd through the reference keeps about ten. Backward scales it by the
+    ``[..., V]`` tensor, where autograd through the reference keeps up to seven. Backward scales it by the
     upstream gradient and casts it to the student's dtype. The inputs are kept by reference (no copy) for
     double backward: under ``create_graph`` the gradient is recomputed by autograd through the reference,
     so second derivatives are the reference's.
@@ -205,10 +205,12 @@ class _StudentGradient(torch.autograd.Function):
 
 
 # ---- closed forms ---------------------------------------------------------------------------------------
-# Each returns the value and, if asked, dL/ds for L the divergence and s the student's logits. They write it
-# as G = dL/d(log q), then dL/ds = G - q sum_v G_v (the log-softmax's Jacobian). The values are computed with
-# the same operations as the references, so they agree to the bit; terms the references leave out (a zero
-# weight, a -inf log ratio) are zeroed the same way and get a zero G, so no NaN reaches the gradient.
+# Each takes the log-probabilities log_q, log_p (fresh float tensors that it owns and overwrites: memory is
+# the point) and returns the value and, if asked, dL/ds for L the divergence and s the student's logits. They
+# write it as G = dL/d(log q), then dL/ds = G - q sum_v G_v (the log-softmax's Jacobian). The values are
+# computed with the same floating-point operations as the references, so they agree to the bit; terms the
+# references leave out (a zero weight, a -inf log ratio) are zeroed the same way and get a zero G, so no NaN
+# reaches the gradient. At most four [..., V] float buffers are alive at once (the reference keeps ~10).
 
 
 def _finite_or_zero(log_ratio: Tensor) -> Tensor:
@@ -225,54 +227,70 @@ def _student_grad(grad_log_q: Tensor, q: Tensor) -> Tensor:
     return grad_log_q.addcmul_(q, grad_log_q.sum(-1, keepdim=True), value=-1.0)
 
 
+def _log_mixture_into(log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:
+    """``_log_mixture``'s value, log(weight_a a + (1 - weight_a) b), in one new buffer. [..., V] -> [..., V].
+
+    Entries where both are zero come out -inf (``logaddexp(-inf, -inf)``); the closed forms give them
+    weight 0, and do not differentiate through ``logaddexp``, so they need no masking.
+    """
+    shifted_a = log_a + math.log(weight_a)
+    return torch.logaddexp(shifted_a, log_b + math.log1p(-weight_a), out=shifted_a)
+
+
 def _closed_forward_kl(log_q: Tensor, log_p: Tensor, with_grad: bool) -> tuple[Tensor, Tensor | None]:
     """KL(p || q); G = -p over the kept terms, so dL/ds = q - p when nothing is masked."""
     log_ratio = log_p - log_q  # [..., V]; +inf where q_v = 0 < p_v
     left_out = torch.isposinf(log_ratio) if with_grad else None
-    p = log_p.exp()
-    value = (p * _finite_or_zero(log_ratio)).sum(-1)
+    p = log_p.exp_()
+    value = _finite_or_zero(log_ratio).mul_(p).sum(-1)
     if not with_grad:
         return value, None
-    return value, _student_grad(p.masked_fill_(left_out, 0.0).neg_(), log_q.exp())
+    del log_ratio
+    return value, _student_grad(p.masked_fill_(left_out, 0.0).neg_(), log_q.exp_())
 
 
 def _closed_reverse_kl(log_q: Tensor, log_p: Tensor, with_grad: bool) -> tuple[Tensor, Tensor | None]:
     """KL(q || p); G = q (log q - log p + 1) over the kept terms, so dL/ds = q (log q - log p - KL)."""
-    log_ratio = log_q - log_p  # [..., V]; +inf where p_v = 0 < q_v
+    log_ratio = log_p.neg_().add_(log_q)  # log q - log p; +inf where p_v = 0 < q_v
     left_out = torch.isposinf(log_ratio) if with_grad else None
-    q = log_q.exp()
-    log_ratio = _finite_or_zero(log_ratio)
-    value = (q * log_ratio).sum(-1)
+    q = log_q.exp_()
+    q_log_ratio = _finite_or_zero(log_ratio).mul_(q)  # [..., V]
+    value = q_log_ratio.sum(-1)
     if not with_grad:
         return value, None
-    grad_log_q = log_ratio.add_(1.0).mul_(q).masked_fill_(left_out, 0.0)
-    return value, _student_grad(grad_log_q, q)
+    return value, _student_grad(q_log_ratio.add_(q).masked_fill_(left_out, 0.0), q)
 
 
 def _closed_skew_forward_kl(
     log_q: Tensor, log_p: Tensor, with_grad: bool, alpha: float
 ) -> tuple[Tensor, Tensor | None]:
     """KL(p || m), m = alpha p + (1 - alpha) q; G = -(1 - alpha) p q / m."""
-    log_m = torch.logaddexp(log_p + math.log(alpha), log_q + math.log1p(-alpha))  # [..., V]
-    value = (log_p.exp() * _finite_or_zero(log_p - log_m)).sum(-1)
+    log_m = _log_mixture_into(log_p, log_q, alpha)  # [..., V]
+    log_ratio = log_p - log_m  # [..., V]
+    p = log_p.exp_()
+    value = _finite_or_zero(log_ratio).mul_(p).sum(-1)
     if not with_grad:
         return value, None
     # q / m is NaN only where p and q are both 0 (-inf - -inf); there p = 0 and the term is 0.
-    grad_log_q = (log_q - log_m).exp_().mul_(log_p.exp()).mul_(-(1.0 - alpha)).nan_to_num_(nan=0.0)
-    return value, _student_grad(grad_log_q, log_q.exp())
+    q_over_m = torch.sub(log_q, log_m, out=log_ratio).exp_()
+    grad_log_q = q_over_m.mul_(p).mul_(-(1.0 - alpha)).nan_to_num_(nan=0.0)
+    return value, _student_grad(grad_log_q, log_q.exp_())
 
 
 def _closed_skew_reverse_kl(
     log_q: Tensor, log_p: Tensor, with_grad: bool, alpha: float
 ) -> tuple[Tensor, Tensor | None]:
     """KL(q || m), m = (1 - alpha) p + alpha q; G = q (log(q / m) + 1 - alpha q / m)."""
-    log_m = torch.logaddexp(log_q + math.log(alpha), log_p + math.log1p(-alpha))  # [..., V]
-    q = log_q.exp()
-    log_ratio = _finite_or_zero(log_q - log_m)  # 0 where q_v = 0, so G_v = 0 * finite = 0 there
-    value = (q * log_ratio).sum(-1)
+    log_m = _log_mixture_into(log_q, log_p, alpha)  # [..., V]
+    # 0 where q_v = 0, so that G_v = 0 * finite = 0 there; written over log p, not needed any more
+    log_ratio = _finite_or_zero(torch.sub(log_q, log_m, out=log_p))
+    q = log_q.exp_()
+    grad_log_q = None
+    if with_grad:
+        grad_log_q = torch.exp(log_ratio, out=log_m).mul_(-alpha).add_(log_ratio).add_(1.0).mul_(q)
+    value = log_ratio.mul_(q).sum(-1)
     if not with_grad:
         return value, None
-    grad_log_q = log_ratio.exp().mul_(-alpha).add_(log_ratio).add_(1.0).mul_(q)
     return value, _student_grad(grad_log_q, q)
 
 
@@ -284,11 +302,13 @@ def _closed_generalized_jsd(
     The terms in d log m cancel (beta p + (1 - beta) q = m), which leaves G; its row sum is (1 - beta)
     KL(q || m), already part of the value, so dL/ds = (1 - beta) q (log(q / m) - KL(q || m)).
     """
-    log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))  # [..., V]
-    q = log_q.exp()
+    log_m = _log_mixture_into(log_p, log_q, beta)  # [..., V]
     log_ratio_q = _finite_or_zero(log_q - log_m)  # [..., V]
-    kl_q = (q * log_ratio_q).sum(-1)  # [...]
-    value = beta * (log_p.exp() * _finite_or_zero(log_p - log_m)).sum(-1) + (1.0 - beta) * kl_q
+    log_ratio_p = _finite_or_zero(torch.sub(log_p, log_m, out=log_m))  # [..., V]
+    q, p = log_q.exp_(), log_p.exp_()
+    kl_p = log_ratio_p.mul_(p).sum(-1)  # [...]
+    kl_q = torch.mul(q, log_ratio_q, out=log_ratio_p).sum(-1)  # [...]
+    value = beta * kl_p + (1.0 - beta) * kl_q
     if not with_grad:
         return value, None
     return value, log_ratio_q.sub_(kl_q.unsqueeze(-1)).mul_(q).mul_(1.0 - beta)
@@ -296,8 +316,8 @@ def _closed_generalized_jsd(
 
 def _closed_total_variation(log_q: Tensor, log_p: Tensor, with_grad: bool) -> tuple[Tensor, Tensor | None]:
     """1/2 sum_v |p_v - q_v|; G = q sign(q - p) / 2 (0 where p_v = q_v, as autograd's abs)."""
-    q = log_q.exp()
-    diff = log_p.exp() - q  # [..., V]
+    q = log_q.exp_()
+    diff = log_p.exp_().sub_(q)  # p - q, [..., V]
     value = 0.5 * diff.abs().sum(-1)
     if not with_grad:
         return value, None
