@@ -1,12 +1,13 @@
 """Per-token divergences between a teacher and a student distribution over the vocabulary.
 
-Every function takes logits of shape ``[..., V]`` and returns a float32 tensor of shape ``[...]``. The
-convention throughout, following the DistiLLM paper (Ko et al., ICML 2024):
+Every function takes logits of shape ``[..., V]`` and returns a float32 tensor of shape ``[...]`` (float64
+for float64 logits, so that the gradients can be checked numerically). The convention throughout, following
+the DistiLLM paper (Ko et al., ICML 2024):
 
 * ``p = softmax(teacher_logits)`` is the teacher, ``q = softmax(student_logits)`` the student;
 * the values are **true divergences**: zero when the two distributions are equal, so that a logged value
   means what its name says (the original code logs a cross-entropy as "forward KL", see docs/losses.md);
-* softmaxes are taken in float32 whatever the input dtype, and mixtures are formed in log space
+* softmaxes are taken in float32 whatever the (lower) input dtype, and mixtures are formed in log space
   (``logaddexp``), never as ``log(a p + b q)`` on probabilities, which underflows to ``log 0``;
 * ``-inf`` logits (masked vocabulary entries, in either distribution or both) are allowed: a term whose
   weight is zero contributes zero, and the gradients stay finite. Every row needs at least one finite logit.
@@ -16,6 +17,13 @@ is not (``KL(p || q)`` with ``q_v = 0 < p_v``). Such entries can only arise from
 original code's ``inf_mask`` they are left out of the sum, so the value is the divergence restricted to the
 entries where both distributions are non-zero. The skewed divergences and the JSD never need this: their
 mixture is non-zero wherever the weighting distribution is.
+
+Gradients. When only the student's logits need a gradient (the trainer's case), each divergence runs as a
+``torch.autograd.Function`` that computes the value and the gradient w.r.t. the student's logits together in
+the forward pass, in closed form (``_closed_*``), and saves that one float32 ``[..., V]`` gradient instead
+of autograd's chain of intermediates. When the teacher's logits need a gradient too, and for double backward
+(``create_graph=True``), autograd differentiates the definitions themselves (``_reference_*``), which are
+kept for that and as the tests' reference. Without any gradient to compute, only the value is computed.
 """
 
 from __future__ import annotations
@@ -40,8 +48,8 @@ __all__ = [
 
 
 def _log_probs(logits: Tensor) -> Tensor:
-    """float32 log-softmax over the last axis. [..., V] -> [..., V]."""
-    return logits.float().log_softmax(-1)
+    """Log-softmax over the last axis in float32, or float64 for float64 logits. [..., V] -> [..., V]."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
 
 
 def _kl_from_log_probs(log_a: Tensor, log_b: Tensor) -> Tensor:
@@ -76,12 +84,12 @@ def _check_open_unit(name: str, value: float) -> None:
 
 def forward_kl(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
     """KL(p || q), the teacher-weighted KL of classic KD. [..., V] -> [...] float32."""
-    return _kl_from_log_probs(_log_probs(teacher_logits), _log_probs(student_logits))
+    return _divergence(student_logits, teacher_logits, _reference_forward_kl, _closed_forward_kl)
 
 
 def reverse_kl(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
     """KL(q || p), the mode-seeking KL (MiniLLM's objective, token level). [..., V] -> [...] float32."""
-    return _kl_from_log_probs(_log_probs(student_logits), _log_probs(teacher_logits))
+    return _divergence(student_logits, teacher_logits, _reference_reverse_kl, _closed_reverse_kl)
 
 
 def skew_forward_kl(student_logits: Tensor, teacher_logits: Tensor, alpha: float = 0.1) -> Tensor:
@@ -90,8 +98,12 @@ def skew_forward_kl(student_logits: Tensor, teacher_logits: Tensor, alpha: float
     ``alpha`` in (0, 1) is the paper's skew coefficient (default 0.1); alpha -> 0 recovers ``forward_kl``.
     """
     _check_open_unit("alpha", alpha)
-    log_p, log_q = _log_probs(teacher_logits), _log_probs(student_logits)
-    return _kl_from_log_probs(log_p, _log_mixture(log_p, log_q, alpha))
+    return _divergence(
+        student_logits,
+        teacher_logits,
+        partial(_reference_skew_forward_kl, alpha=alpha),
+        partial(_closed_skew_forward_kl, alpha=alpha),
+    )
 
 
 def skew_reverse_kl(student_logits: Tensor, teacher_logits: Tensor, alpha: float = 0.1) -> Tensor:
@@ -100,8 +112,12 @@ def skew_reverse_kl(student_logits: Tensor, teacher_logits: Tensor, alpha: float
     ``alpha`` in (0, 1) is the paper's skew coefficient (default 0.1); alpha -> 0 recovers ``reverse_kl``.
     """
     _check_open_unit("alpha", alpha)
-    log_p, log_q = _log_probs(teacher_logits), _log_probs(student_logits)
-    return _kl_from_log_probs(log_q, _log_mixture(log_q, log_p, alpha))
+    return _divergence(
+        student_logits,
+        teacher_logits,
+        partial(_reference_skew_reverse_kl, alpha=alpha),
+        partial(_closed_skew_reverse_kl, alpha=alpha),
+    )
 
 
 def generalized_jsd(student_logits: Tensor, teacher_logits: Tensor, beta: float = 0.5) -> Tensor:
@@ -112,13 +128,230 @@ def generalized_jsd(student_logits: Tensor, teacher_logits: Tensor, beta: float 
     ``beta = 1 - lam = 0.1`` here. [..., V] -> [...] float32.
     """
     _check_open_unit("beta", beta)
+    return _divergence(
+        student_logits,
+        teacher_logits,
+        partial(_reference_generalized_jsd, beta=beta),
+        partial(_closed_generalized_jsd, beta=beta),
+    )
+
+
+def total_variation(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """Total variation distance, 1/2 sum_v |p_v - q_v|, in [0, 1]. [..., V] -> [...] float32."""
+    return _divergence(student_logits, teacher_logits, _reference_total_variation, _closed_total_variation)
+
+
+# ---- dispatch: closed-form student gradient, or autograd through the reference -------------------------
+
+Reference = Callable[[Tensor, Tensor], Tensor]  # (student_logits, teacher_logits) -> [...], by autograd
+ClosedForm = Callable[[Tensor, Tensor, bool], tuple[Tensor, Tensor | None]]
+# (log_q, log_p, with_grad) -> (value [...], d value / d student_logits [..., V] float32 or None)
+
+
+def _divergence(
+    student_logits: Tensor, teacher_logits: Tensor, reference: Reference, closed_form: ClosedForm
+) -> Tensor:
+    """The divergence's value, differentiated in closed form where that is the whole story.
+
+    A teacher that needs a gradient goes through the autograd reference (the closed forms give the
+    student's gradient only); without any gradient to compute, only the value is computed.
+    """
+    if torch.is_grad_enabled() and teacher_logits.requires_grad:
+        return reference(student_logits, teacher_logits)
+    if torch.is_grad_enabled() and student_logits.requires_grad:
+        return _StudentGradient.apply(student_logits, teacher_logits, reference, closed_form)
+    value, _ = closed_form(_log_probs(student_logits), _log_probs(teacher_logits), False)
+    return value
+
+
+class _StudentGradient(torch.autograd.Function):
+    """A divergence whose gradient w.r.t. the student's logits is computed in closed form, in forward.
+
+    The forward pass computes the value and ``d value / d student_logits`` together, since they share their
+    intermediates (log-softmaxes, the mixture, the log ratios), and saves that gradient alone: one float32
+    ``[..., V]`` tensor, where autograd through the reference keeps up to seven. Backward scales it by the
+    upstream gradient and casts it to the student's dtype. The inputs are kept by reference (no copy) for
+    double backward: under ``create_graph`` the gradient is recomputed by autograd through the reference,
+    so second derivatives are the reference's.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        student_logits: Tensor,  # [..., V], requires grad
+        teacher_logits: Tensor,  # [..., V], no grad
+        reference: Reference,
+        closed_form: ClosedForm,
+    ) -> Tensor:
+        value, grad = closed_form(_log_probs(student_logits), _log_probs(teacher_logits), True)
+        ctx.reference = reference
+        if teacher_logits.is_inference():  # inference tensors cannot be saved; the teacher is only read
+            ctx.save_for_backward(grad, student_logits)
+            ctx.inference_teacher = teacher_logits
+        else:
+            ctx.save_for_backward(grad, student_logits, teacher_logits)
+        return value
+
+    @staticmethod
+    def backward(ctx, grad_value: Tensor):  # [...] float32
+        grad, student_logits, *saved_teacher = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the gradient itself must be differentiable
+            teacher_logits = saved_teacher[0] if saved_teacher else ctx.inference_teacher
+            with torch.enable_grad():
+                value = ctx.reference(student_logits, teacher_logits)
+                (grad_student,) = torch.autograd.grad(value, student_logits, grad_value, create_graph=True)
+            return grad_student, None, None, None
+        return (grad * grad_value.unsqueeze(-1)).to(student_logits.dtype), None, None, None
+
+
+# ---- closed forms ---------------------------------------------------------------------------------------
+# Each takes the log-probabilities log_q, log_p (fresh float tensors that it owns and overwrites: memory is
+# the point) and returns the value and, if asked, dL/ds for L the divergence and s the student's logits. They
+# write it as G = dL/d(log q), then dL/ds = G - q sum_v G_v (the log-softmax's Jacobian). The values are
+# computed with the same floating-point operations as the references, so they agree to the bit; terms the
+# references leave out (a zero weight, a -inf log ratio) are zeroed the same way and get a zero G, so no NaN
+# reaches the gradient. At most four [..., V] float buffers are alive at once (the reference keeps ~10).
+
+
+def _finite_or_zero(log_ratio: Tensor) -> Tensor:
+    """``log_ratio`` where it is finite, 0 where it is +-inf or NaN (either side -inf), in place.
+
+    The same as ``_kl_from_log_probs``'s ``where(finite, log_a - log_b, 0)``: the difference of two finite
+    log-probabilities (both <= 0) cannot overflow, so it is non-finite exactly where one side is -inf.
+    """
+    return log_ratio.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _student_grad(grad_log_q: Tensor, q: Tensor) -> Tensor:
+    """dL/ds = G - q sum_v G_v from G = dL/d(log q), in place on G. [..., V] -> [..., V]."""
+    return grad_log_q.addcmul_(q, grad_log_q.sum(-1, keepdim=True), value=-1.0)
+
+
+def _log_mixture_into(log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:
+    """``_log_mixture``'s value, log(weight_a a + (1 - weight_a) b), in one new buffer. [..., V] -> [..., V].
+
+    Entries where both are zero come out -inf (``logaddexp(-inf, -inf)``); the closed forms give them
+    weight 0, and do not differentiate through ``logaddexp``, so they need no masking.
+    """
+    shifted_a = log_a + math.log(weight_a)
+    return torch.logaddexp(shifted_a, log_b + math.log1p(-weight_a), out=shifted_a)
+
+
+def _closed_forward_kl(log_q: Tensor, log_p: Tensor, with_grad: bool) -> tuple[Tensor, Tensor | None]:
+    """KL(p || q); G = -p over the kept terms, so dL/ds = q - p when nothing is masked."""
+    log_ratio = log_p - log_q  # [..., V]; +inf where q_v = 0 < p_v
+    left_out = torch.isposinf(log_ratio) if with_grad else None
+    p = log_p.exp_()
+    value = _finite_or_zero(log_ratio).mul_(p).sum(-1)
+    if not with_grad:
+        return value, None
+    del log_ratio
+    return value, _student_grad(p.masked_fill_(left_out, 0.0).neg_(), log_q.exp_())
+
+
+def _closed_reverse_kl(log_q: Tensor, log_p: Tensor, with_grad: bool) -> tuple[Tensor, Tensor | None]:
+    """KL(q || p); G = q (log q - log p + 1) over the kept terms, so dL/ds = q (log q - log p - KL)."""
+    log_ratio = log_p.neg_().add_(log_q)  # log q - log p; +inf where p_v = 0 < q_v
+    left_out = torch.isposinf(log_ratio) if with_grad else None
+    q = log_q.exp_()
+    q_log_ratio = _finite_or_zero(log_ratio).mul_(q)  # [..., V]
+    value = q_log_ratio.sum(-1)
+    if not with_grad:
+        return value, None
+    return value, _student_grad(q_log_ratio.add_(q).masked_fill_(left_out, 0.0), q)
+
+
+def _closed_skew_forward_kl(
+    log_q: Tensor, log_p: Tensor, with_grad: bool, alpha: float
+) -> tuple[Tensor, Tensor | None]:
+    """KL(p || m), m = alpha p + (1 - alpha) q; G = -(1 - alpha) p q / m."""
+    log_m = _log_mixture_into(log_p, log_q, alpha)  # [..., V]
+    log_ratio = log_p - log_m  # [..., V]
+    p = log_p.exp_()
+    value = _finite_or_zero(log_ratio).mul_(p).sum(-1)
+    if not with_grad:
+        return value, None
+    # q / m is NaN only where p and q are both 0 (-inf - -inf); there p = 0 and the term is 0.
+    q_over_m = torch.sub(log_q, log_m, out=log_ratio).exp_()
+    grad_log_q = q_over_m.mul_(p).mul_(-(1.0 - alpha)).nan_to_num_(nan=0.0)
+    return value, _student_grad(grad_log_q, log_q.exp_())
+
+
+def _closed_skew_reverse_kl(
+    log_q: Tensor, log_p: Tensor, with_grad: bool, alpha: float
+) -> tuple[Tensor, Tensor | None]:
+    """KL(q || m), m = (1 - alpha) p + alpha q; G = q (log(q / m) + 1 - alpha q / m)."""
+    log_m = _log_mixture_into(log_q, log_p, alpha)  # [..., V]
+    # 0 where q_v = 0, so that G_v = 0 * finite = 0 there; written over log p, not needed any more
+    log_ratio = _finite_or_zero(torch.sub(log_q, log_m, out=log_p))
+    q = log_q.exp_()
+    grad_log_q = None
+    if with_grad:
+        grad_log_q = torch.exp(log_ratio, out=log_m).mul_(-alpha).add_(log_ratio).add_(1.0).mul_(q)
+    value = log_ratio.mul_(q).sum(-1)
+    if not with_grad:
+        return value, None
+    return value, _student_grad(grad_log_q, q)
+
+
+def _closed_generalized_jsd(
+    log_q: Tensor, log_p: Tensor, with_grad: bool, beta: float
+) -> tuple[Tensor, Tensor | None]:
+    """beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q; G = (1 - beta) q log(q / m).
+
+    The terms in d log m cancel (beta p + (1 - beta) q = m), which leaves G; its row sum is (1 - beta)
+    KL(q || m), already part of the value, so dL/ds = (1 - beta) q (log(q / m) - KL(q || m)).
+    """
+    log_m = _log_mixture_into(log_p, log_q, beta)  # [..., V]
+    log_ratio_q = _finite_or_zero(log_q - log_m)  # [..., V]
+    log_ratio_p = _finite_or_zero(torch.sub(log_p, log_m, out=log_m))  # [..., V]
+    q, p = log_q.exp_(), log_p.exp_()
+    kl_p = log_ratio_p.mul_(p).sum(-1)  # [...]
+    kl_q = torch.mul(q, log_ratio_q, out=log_ratio_p).sum(-1)  # [...]
+    value = beta * kl_p + (1.0 - beta) * kl_q
+    if not with_grad:
+        return value, None
+    return value, log_ratio_q.sub_(kl_q.unsqueeze(-1)).mul_(q).mul_(1.0 - beta)
+
+
+def _closed_total_variation(log_q: Tensor, log_p: Tensor, with_grad: bool) -> tuple[Tensor, Tensor | None]:
+    """1/2 sum_v |p_v - q_v|; G = q sign(q - p) / 2 (0 where p_v = q_v, as autograd's abs)."""
+    q = log_q.exp_()
+    diff = log_p.exp_().sub_(q)  # p - q, [..., V]
+    value = 0.5 * diff.abs().sum(-1)
+    if not with_grad:
+        return value, None
+    return value, _student_grad(diff.sign_().mul_(q).mul_(-0.5), q)
+
+
+# ---- references: autograd through the definitions (teacher gradients, double backward) ----------------
+
+
+def _reference_forward_kl(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    return _kl_from_log_probs(_log_probs(teacher_logits), _log_probs(student_logits))
+
+
+def _reference_reverse_kl(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    return _kl_from_log_probs(_log_probs(student_logits), _log_probs(teacher_logits))
+
+
+def _reference_skew_forward_kl(student_logits: Tensor, teacher_logits: Tensor, alpha: float) -> Tensor:
+    log_p, log_q = _log_probs(teacher_logits), _log_probs(student_logits)
+    return _kl_from_log_probs(log_p, _log_mixture(log_p, log_q, alpha))
+
+
+def _reference_skew_reverse_kl(student_logits: Tensor, teacher_logits: Tensor, alpha: float) -> Tensor:
+    log_p, log_q = _log_probs(teacher_logits), _log_probs(student_logits)
+    return _kl_from_log_probs(log_q, _log_mixture(log_q, log_p, alpha))
+
+
+def _reference_generalized_jsd(student_logits: Tensor, teacher_logits: Tensor, beta: float) -> Tensor:
     log_p, log_q = _log_probs(teacher_logits), _log_probs(student_logits)
     log_m = _log_mixture(log_p, log_q, beta)
     return beta * _kl_from_log_probs(log_p, log_m) + (1.0 - beta) * _kl_from_log_probs(log_q, log_m)
 
 
-def total_variation(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
-    """Total variation distance, 1/2 sum_v |p_v - q_v|, in [0, 1]. [..., V] -> [...] float32."""
+def _reference_total_variation(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
     p, q = _log_probs(teacher_logits).exp(), _log_probs(student_logits).exp()
     return 0.5 * (p - q).abs().sum(-1)
 
