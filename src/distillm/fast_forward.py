@@ -8,6 +8,12 @@ then the last layer (after its key/value projection) and the final norm over the
 the bundled tasks' batches about 9 of every 100 positions are supervised, so the last layer costs about a
 fifth of its full price, in the teacher's forward and in the student's forward and backward alike.
 
+Prompts built from one template start with the same words. A prefix that every row of a batch shares
+(same tokens at the same positions) has the same keys and values in every row, so
+:meth:`FastDecoder.hidden_states` runs it once, as a batch of one row, and broadcasts its keys and values
+(their gradients are summed back over the rows). On the bundled tasks with `benchmarks/vs_trl.py`'s
+1,024-token tokenizer that is 8 tokens, or 33 when no row of the batch has an input.
+
 It is the model's own computation, not an approximation: every linear map, norm, MLP, rotary embedding and
 dropout is the model's own module (so LoRA adapters injected by peft apply); what is written here is only
 the glue a Hugging Face decoder layer performs: splitting heads, the causal and padding mask, scaled
@@ -37,8 +43,8 @@ from torch.utils.checkpoint import checkpoint
 
 from distillm.models import unwrap_peft
 
+# Model types whose decoder layers have the Llama layout: pre-norm, q/k/v/o projections, rotary embedding.
 LLAMA_LAYOUT_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
-FAST_FORWARD_MODEL_TYPES = LLAMA_LAYOUT_TYPES | {"gpt2"}
 
 # Below this share of kept positions the last layer runs on the kept positions only; above it the gather
 # and the [B, Q, T] mask cost more than the few skipped positions save.
