@@ -495,9 +495,7 @@ def train(config: Config) -> TrainResult:
     )
 
     # Sharded parameters are gathered in every forward: all processes must run the same number of them.
-    objective = StudentObjective(
-        student, config.objective, vocab_size, sharded=_sharded(accelerator)
-    )
+    objective = StudentObjective(student, config.objective, vocab_size, sharded=_sharded(accelerator))
     optimizer = build_optimizer(objective, config.train)
     scheduler = build_scheduler(optimizer, total_steps, config.train)
     sources = build_sources(
