@@ -127,8 +127,9 @@ class FastDecoder:
     def hidden_states(self, input_ids: Tensor, attention_mask: Tensor, keep: Tensor) -> Tensor:
         """Final hidden states ``[N, H]`` at the positions where ``keep`` ``[B, T]`` is True, row-major.
 
-        ``input_ids`` / ``attention_mask`` ``[B, T]``: a batch whose rows are right-padded (positions count
-        from 0 in every row, as the Hugging Face forward does without ``position_ids``).
+        ``input_ids`` / ``attention_mask`` ``[B, T]``: positions count from column 0 in every row, as in the
+        Hugging Face forward without ``position_ids`` (so right-padded rows, the batch contract, get their
+        true positions); padding is masked as keys wherever it is.
 
         A prefix every row shares (the prompt template's opening words: the same tokens at the same
         positions) has the same keys and values in every row, since a causal layer's state at a position

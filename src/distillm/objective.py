@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from distillm import IGNORE_INDEX
 from distillm.config import ObjectiveConfig
 from distillm.errors import UserError
-from distillm.fast_forward import fast_decoder
+from distillm.fast_forward import FastDecoder, fast_decoder
 from distillm.losses import get_divergence
 from distillm.losses.chunked import chunked_distillation_loss
 from distillm.losses.reduction import distillation_loss
@@ -134,7 +134,7 @@ def supervised_hidden_states(model: nn.Module, batch: dict[str, Tensor], sharded
 
 
 def _kept_hidden_states(
-    model: nn.Module, decoder, input_ids: Tensor, attention_mask: Tensor, keep: Tensor
+    model: nn.Module, decoder: FastDecoder | None, input_ids: Tensor, attention_mask: Tensor, keep: Tensor
 ) -> Tensor:
     """Final hidden states [N, H] where ``keep`` [B, T] is True: ``decoder``'s forward, or the model's own."""
     if decoder is None:
