@@ -164,7 +164,7 @@ class FastDecoder:
         valid = torch.arange(queries, device=keep.device) < kept_per_row[:, None]  # [B, Q]
         query_mask = _attention_mask(attention_mask.bool(), query_positions + shared, width)  # [B, 1, Q, T]
         hidden = self._maybe_checkpoint(
-            self._last_layer, self.layers[-1], hidden, extra, query_mask, query_positions, past[-1]
+            self._layer, self.layers[-1], hidden, extra, query_mask, past[-1], None, query_positions
         )  # [B, Q, H]
         return self._final_norm(hidden[valid])  # [N, H]
 
@@ -226,8 +226,8 @@ class FastDecoder:
             hidden = self._layer(layer, hidden, extra, mask, record=recorded)
         last = index[:, -1:]  # [B, 1]
         last_mask = mask[:, :, -1:] if mask is not None else None
-        hidden = self._last_layer(
-            self.layers[-1], hidden, extra, last_mask, last, record=recorded
+        hidden = self._layer(
+            self.layers[-1], hidden, extra, last_mask, record=recorded, query_positions=last
         )  # [B, 1, H]
         keys, values = _buffers(recorded, capacity)
         key_mask = None
@@ -307,31 +307,33 @@ class FastDecoder:
     def _norm_in(self, layer: nn.Module, hidden: Tensor) -> Tensor:
         return layer.ln_1(hidden) if self.gpt2 else layer.input_layernorm(hidden)
 
-    def _layer(self, layer, hidden: Tensor, extra, mask, past=None, record=None) -> Tensor:
-        """A whole layer over the positions of ``hidden`` ``[B, S, H]``.
+    def _layer(
+        self,
+        layer,
+        hidden: Tensor,
+        extra,
+        mask,
+        past=None,
+        record=None,
+        query_positions: Tensor | None = None,
+    ) -> Tensor:
+        """A layer over the positions of ``hidden`` ``[B, S, H]``; returns ``[B, S, H]``.
 
         ``past``: keys and values ``[1 or B, KV heads, P, d]`` of earlier positions to attend to as well
-        (the shared prefix); ``record``: a list the layer's own keys and values are appended to.
+        (the shared prefix); ``record``: a list the layer's own keys and values are appended to;
+        ``query_positions`` ``[B, Q]``: run the layer past its key/value projection at these positions only
+        (keys and values stay everywhere), returning ``[B, Q, H]``.
         """
         query, key, value = self._projections(layer, self._norm_in(layer, hidden), extra)
         if record is not None:
             record.append((key, value))
         key, value = _with_past(past, key, value)
+        if query_positions is not None:
+            # [B, heads, Q, d]: the queries of the kept positions, and their inputs [B, Q, H]
+            index = query_positions[:, None, :, None].expand(-1, query.shape[1], -1, query.shape[3])
+            query = query.gather(2, index)
+            hidden = hidden.gather(1, query_positions[:, :, None].expand(-1, -1, hidden.shape[-1]))
         return self._finish(layer, hidden, self._attention(layer, query, key, value, mask))
-
-    def _last_layer(
-        self, layer, hidden: Tensor, extra, mask, query_positions: Tensor, past=None, record=None
-    ) -> Tensor:
-        """The last layer at ``query_positions`` ``[B, Q]`` only (keys/values everywhere); returns ``[B, Q, H]``."""
-        query, key, value = self._projections(layer, self._norm_in(layer, hidden), extra)
-        if record is not None:
-            record.append((key, value))
-        key, value = _with_past(past, key, value)
-        # [B, heads, Q, d]: the queries of the kept positions
-        index = query_positions[:, None, :, None].expand(-1, query.shape[1], -1, query.shape[3])
-        query = query.gather(2, index)
-        kept = hidden.gather(1, query_positions[:, :, None].expand(-1, -1, hidden.shape[-1]))  # [B, Q, H]
-        return self._finish(layer, kept, self._attention(layer, query, key, value, mask))
 
     def _decode_layer(self, layer, hidden: Tensor, extra, mask, cache: KVCache, index: int) -> Tensor:
         query, key, value = self._projections(layer, self._norm_in(layer, hidden), extra)

@@ -230,10 +230,11 @@ class _LastLogits:
         hf_model = _unwrap(model)
         head = hf_model.get_output_embeddings() if hasattr(hf_model, "get_output_embeddings") else None
         config = getattr(hf_model, "config", None)
-        fast = fast_decoder(hf_model) if head is not None and has_plain_head(hf_model) else None
+        plain_head = head is not None and has_plain_head(hf_model)
+        fast = fast_decoder(hf_model) if plain_head else None
         if fast is not None:  # our own decoding forward (distillm.fast_forward) and its preallocated cache
-            return cls(hf_model, head, "", False, {}, True, fast, capacity)
-        if head is not None and has_plain_head(hf_model):
+            return cls(hf_model, head, "", False, {}, True, fast=fast, capacity=capacity)
+        if plain_head:
             module, keep_last_only = hf_model.base_model, {}
         else:
             module, head = hf_model, None
