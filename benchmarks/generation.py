@@ -11,6 +11,9 @@ up to float rounding), a third column "ours, as loaded" runs our sampler on a co
 that swap, which is what `distillm train/generate/evaluate` actually sample from; `generate` keeps the
 Hugging Face modules. For Llama-family models the loader changes nothing, and the column repeats "ours".
 
+Our sampler packs the weights for oneDNN (`GenerationConfig.pack_weights`, on by default) inside each timed
+call, so the packing's cost is counted; `--no-pack-weights` measures it without.
+
     python benchmarks/generation.py                      # tiny GPT-2 student and SmolLM2-shaped 4-layer Llama
     python benchmarks/generation.py --models tiny --new-tokens 64 --repeats 3
 """
@@ -63,8 +66,15 @@ def left_padded_prompts(
     return ids, mask
 
 
-def time_ours(model, ids, mask, new_tokens: int, vocab: int, seed: int) -> float:
-    config = GenerationConfig(max_new_tokens=new_tokens, temperature=1.0, top_k=0, top_p=1.0, do_sample=True)
+def time_ours(model, ids, mask, new_tokens: int, vocab: int, seed: int, pack_weights: bool = True) -> float:
+    config = GenerationConfig(
+        max_new_tokens=new_tokens,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        do_sample=True,
+        pack_weights=pack_weights,
+    )
     start = time.perf_counter()
     out = sample(
         model,
@@ -110,13 +120,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed runs of each; the median is reported")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 keeps torch's default")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--no-pack-weights",
+        dest="pack_weights",
+        action="store_false",
+        help="sample without packing the weights for oneDNN (GenerationConfig.pack_weights=false)",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     print(
         f"device {args.device}, torch threads {torch.get_num_threads()}, batch {args.batch}, "
-        f"prompt length {args.prompt_length} (left-padded, mixed lengths), median of {args.repeats} runs"
+        f"prompt length {args.prompt_length} (left-padded, mixed lengths), median of {args.repeats} runs, "
+        f"ours with pack_weights={args.pack_weights}"
     )
     print()
     print(
@@ -130,14 +147,17 @@ def main(argv: list[str] | None = None) -> int:
         swapped = fuse_tanh_gelu(loaded) > 0
         ids, mask = (t.to(args.device) for t in left_padded_prompts(args.batch, args.prompt_length, vocab))
         for new_tokens in args.new_tokens:
-            time_ours(model, ids, mask, 8, vocab, 0)  # warm-up (allocator, first-call dispatch)
-            time_ours(loaded, ids, mask, 8, vocab, 0)
+            # Warm-up (allocator, first-call dispatch); 16 tokens, the fewest that pack the weights.
+            time_ours(model, ids, mask, 16, vocab, 0, args.pack_weights)
+            time_ours(loaded, ids, mask, 16, vocab, 0, args.pack_weights)
             time_generate(model, ids, mask, 8, vocab, 0)
             ours, ours_loaded, theirs = [], [], []
             for repeat in range(args.repeats):
-                ours.append(time_ours(model, ids, mask, new_tokens, vocab, repeat))
+                ours.append(time_ours(model, ids, mask, new_tokens, vocab, repeat, args.pack_weights))
                 if swapped:
-                    ours_loaded.append(time_ours(loaded, ids, mask, new_tokens, vocab, repeat))
+                    ours_loaded.append(
+                        time_ours(loaded, ids, mask, new_tokens, vocab, repeat, args.pack_weights)
+                    )
                 theirs.append(time_generate(model, ids, mask, new_tokens, vocab, repeat))
             tokens = args.batch * new_tokens
             ours_rate, theirs_rate = tokens / statistics.median(ours), tokens / statistics.median(theirs)

@@ -89,8 +89,9 @@ def test_parameter_gradients_equal_the_hugging_face_forward(family):
         torch.testing.assert_close(actual[name], expected[name], msg=name)
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["unpacked", "packed"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_decoding_logits_equal_the_hugging_face_forward_over_the_whole_sequence(family):
+def test_decoding_logits_equal_the_hugging_face_forward_over_the_whole_sequence(family, packed):
     model = build(family).eval()
     generator = torch.Generator().manual_seed(5)
     prompt_len, new = 6, 5
@@ -103,6 +104,8 @@ def test_decoding_logits_equal_the_hugging_face_forward_over_the_whole_sequence(
     new_ids = torch.randint(1, VOCAB, (3, new), generator=generator)
     positions = (prompt_mask.cumsum(-1) - 1).clamp_min(0)
     decoder = fast_decoder(model)
+    if packed:  # every linear map of the 3 layers (GPT-2: 4 per layer, Llama layout: 7) and the head
+        assert decoder.pack_weights(3, head=model.lm_head) == 3 * (4 if family == "gpt2" else 7) + 1
     with torch.no_grad():
         hidden, cache = decoder.prefill(prompt_ids, prompt_mask, positions, capacity=prompt_len + new)
         steps = [hidden]
@@ -110,7 +113,7 @@ def test_decoding_logits_equal_the_hugging_face_forward_over_the_whole_sequence(
         for k in range(new - 1):
             steps.append(decoder.step(new_ids[:, k], next_position, cache))
             next_position = next_position + 1
-        logits = model.lm_head(torch.stack(steps, 1))  # [B, new, V]
+        logits = decoder.linear(model.lm_head, torch.stack(steps, 1))  # [B, new, V]
 
         sequence = torch.cat([prompt_ids, new_ids[:, :-1]], 1)
         mask = torch.cat([prompt_mask, torch.ones(3, new - 1, dtype=torch.long)], 1)
@@ -252,3 +255,41 @@ def test_a_model_with_deepspeed_partitioned_parameters_gets_no_fast_forward():
     assert fast_decoder(model) is not None
     next(model.parameters()).ds_id = 0  # how ZeRO-3 tags the parameters it partitions
     assert fast_decoder(model) is None
+
+
+def test_packed_weights_are_a_copy_used_without_gradients_only():
+    model = build("llama")
+    decoder = fast_decoder(model)
+    assert decoder.pack_weights(3, head=model.lm_head) == 22
+    projection = model.model.layers[0].self_attn.q_proj
+    inputs = torch.randn(3, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(decoder.linear(projection, inputs), projection(inputs))
+    # With gradients on, the module's own forward runs (the packed copy has no autograd), so training through
+    # a decoder that was packed still reaches the parameters.
+    decoder.linear(projection, inputs).sum().backward()
+    assert projection.weight.grad is not None
+    # The packed copy is taken when packing: a later change of the weights is not seen until packing again.
+    with torch.no_grad():
+        projection.weight.mul_(2)
+        assert not torch.allclose(decoder.linear(projection, inputs), projection(inputs))
+        decoder.pack_weights(3)
+        torch.testing.assert_close(decoder.linear(projection, inputs), projection(inputs))
+    assert not decoder.packed(model.lm_head)  # packing again without the head drops the head's copy
+
+
+def test_packing_skips_lora_layers_other_dtypes_and_torch_builds_without_onednn(monkeypatch):
+    from peft import LoraConfig, get_peft_model
+
+    import distillm.fast_forward as fast_forward
+
+    model = get_peft_model(
+        build("gpt2"), LoraConfig(r=4, target_modules=["c_attn"], init_lora_weights=False)
+    ).eval()
+    decoder = fast_decoder(model)
+    # c_attn carries the adapter and keeps its own forward; c_proj, c_fc and the MLP's c_proj are packed.
+    assert decoder.pack_weights(2) == 3 * 3
+    assert not decoder.packed(model.get_base_model().transformer.h[0].attn.c_attn)
+    assert fast_decoder(build("llama").double()).pack_weights(2) == 0
+    monkeypatch.setattr(fast_forward, "_onednn_packing_available", lambda: False)
+    assert fast_decoder(build("llama")).pack_weights(2) == 0

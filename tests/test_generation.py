@@ -134,6 +134,33 @@ def test_greedy_decoding_equals_hf_generate_with_left_padded_prompts(family, req
     assert torch.equal(ours, reference)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_runs_of_16_steps_or_more_pack_the_weights_and_sample_the_same_tokens(family, request, monkeypatch):
+    from distillm.fast_forward import FastDecoder
+
+    model = request.getfixturevalue(family)
+    packed = []  # what each pack_weights call packed
+    pack_weights = FastDecoder.pack_weights
+    monkeypatch.setattr(
+        FastDecoder, "pack_weights", lambda self, *a, **k: packed.append(pack_weights(self, *a, **k))
+    )
+    prompts, mask = left_padded_prompts([3, 9, 6], seed=4)
+
+    def run(max_new_tokens: int, pack: bool) -> torch.Tensor:
+        packed.clear()
+        config = GenerationConfig(max_new_tokens=max_new_tokens, pack_weights=pack)
+        generator = torch.Generator().manual_seed(7)
+        # An EOS id past the vocabulary: every row runs to max_new_tokens.
+        return sample(model, prompts, mask, config, model.config.vocab_size, PAD, generator)
+
+    unpacked = run(20, pack=False)
+    assert packed == []
+    # 2 layers of 4 (GPT-2) or 7 (Llama layout) linear maps, and the head.
+    assert torch.equal(run(20, pack=True), unpacked) and packed == [2 * (4 if family == "gpt2" else 7) + 1]
+    run(15, pack=True)
+    assert packed == []  # too short a run to repay the packing
+
+
 def test_greedy_decoding_of_a_peft_model_equals_its_generate_and_uses_the_adapters(gpt2):
     peft = pytest.importorskip("peft")
     import copy
