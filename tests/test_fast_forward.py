@@ -105,7 +105,10 @@ def test_decoding_logits_equal_the_hugging_face_forward_over_the_whole_sequence(
     positions = (prompt_mask.cumsum(-1) - 1).clamp_min(0)
     decoder = fast_decoder(model)
     if packed:  # every linear map of the 3 layers (GPT-2: 4 per layer, Llama layout: 7) and the head
-        assert decoder.pack_weights(3, head=model.lm_head) == 3 * (4 if family == "gpt2" else 7) + 1
+        assert (
+            decoder.pack_weights(3, head=model.lm_head, min_weights=0)
+            == 3 * (4 if family == "gpt2" else 7) + 1
+        )
     with torch.no_grad():
         hidden, cache = decoder.prefill(prompt_ids, prompt_mask, positions, capacity=prompt_len + new)
         steps = [hidden]
@@ -260,7 +263,7 @@ def test_a_model_with_deepspeed_partitioned_parameters_gets_no_fast_forward():
 def test_packed_weights_are_a_copy_used_without_gradients_only():
     model = build("llama")
     decoder = fast_decoder(model)
-    assert decoder.pack_weights(3, head=model.lm_head) == 22
+    assert decoder.pack_weights(3, head=model.lm_head, min_weights=0) == 22
     projection = model.model.layers[0].self_attn.q_proj
     inputs = torch.randn(3, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -273,9 +276,13 @@ def test_packed_weights_are_a_copy_used_without_gradients_only():
     with torch.no_grad():
         projection.weight.mul_(2)
         assert not torch.allclose(decoder.linear(projection, inputs), projection(inputs))
-        decoder.pack_weights(3)
+        decoder.pack_weights(3, min_weights=0)
         torch.testing.assert_close(decoder.linear(projection, inputs), projection(inputs))
     assert not decoder.packed(model.lm_head)  # packing again without the head drops the head's copy
+    # Only maps of at least min_weights weights: the MLP's 32 x 64 maps, not the 32 x 32 attention maps
+    # or the 61 x 32 head.
+    assert decoder.pack_weights(3, head=model.lm_head, min_weights=32 * 64) == 3 * 3
+    assert decoder.packed(model.model.layers[0].mlp.up_proj) and not decoder.packed(projection)
 
 
 def test_packing_skips_lora_layers_other_dtypes_and_torch_builds_without_onednn(monkeypatch):
@@ -288,8 +295,8 @@ def test_packing_skips_lora_layers_other_dtypes_and_torch_builds_without_onednn(
     ).eval()
     decoder = fast_decoder(model)
     # c_attn carries the adapter and keeps its own forward; c_proj, c_fc and the MLP's c_proj are packed.
-    assert decoder.pack_weights(2) == 3 * 3
+    assert decoder.pack_weights(2, min_weights=0) == 3 * 3
     assert not decoder.packed(model.get_base_model().transformer.h[0].attn.c_attn)
-    assert fast_decoder(build("llama").double()).pack_weights(2) == 0
+    assert fast_decoder(build("llama").double()).pack_weights(2, min_weights=0) == 0
     monkeypatch.setattr(fast_forward, "_onednn_packing_available", lambda: False)
-    assert fast_decoder(build("llama")).pack_weights(2) == 0
+    assert fast_decoder(build("llama")).pack_weights(2, min_weights=0) == 0

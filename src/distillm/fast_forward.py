@@ -54,6 +54,9 @@ _MIN_SHARED_PREFIX = 4
 # MLP classes whose forward is `down_proj(act_fn(gate_proj(x)) * up_proj(x))`; with packed weights
 # (`FastDecoder.pack_weights`) that glue runs here, around the packed linear maps.
 _GATED_MLPS = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"})
+# oneDNN's packed linear costs ~30 us more per call than F.linear for 8-16 rows: it wins from about 256K
+# weights (8 rows: 576x576 1.1x, 576x1536 1.8x, 128x8192 1.8x faster) and loses below (128x384: 0.5x).
+_MIN_PACKED_WEIGHTS = 1 << 18
 
 
 @dataclass
@@ -252,7 +255,9 @@ class FastDecoder:
         cache.length = length
         return self._final_norm(hidden[:, 0])
 
-    def pack_weights(self, batch_size: int, head: nn.Module | None = None) -> int:
+    def pack_weights(
+        self, batch_size: int, head: nn.Module | None = None, min_weights: int = _MIN_PACKED_WEIGHTS
+    ) -> int:
         """Copy the layers' linear weights (and ``head``'s) into oneDNN's blocked layout, for decoding on a CPU.
 
         A decoding step multiplies a few rows (``batch_size``) by every weight matrix of the model. For such
@@ -262,9 +267,10 @@ class FastDecoder:
         :meth:`step` and :meth:`linear` while gradients are off; they are a second copy of the weights, held
         as long as this object, so pack once per decoding run, after the weights last changed.
 
-        Packs plain ``nn.Linear`` maps and GPT-2's ``Conv1D`` in float32 on the CPU; anything else (peft's
-        LoRA layers, other dtypes or devices) keeps its own forward. Returns how many maps were packed: 0
-        where this torch build has no oneDNN.
+        Packs plain ``nn.Linear`` maps and GPT-2's ``Conv1D`` in float32 on the CPU with at least
+        ``min_weights`` weights (below that a packed call's fixed overhead outweighs its gain); anything else
+        (peft's LoRA layers, other dtypes or devices) keeps its own forward. Returns how many maps were
+        packed: 0 where this torch build has no oneDNN.
         """
         self._packed.clear()
         self._packed_mlps.clear()
@@ -285,7 +291,7 @@ class FastDecoder:
                     mlps.append((mlp, [mlp.gate_proj, mlp.up_proj, mlp.down_proj]))
         for module in modules + [linear for _, linears in mlps for linear in linears]:
             weight = _linear_weight(module)
-            if weight is None:
+            if weight is None or weight.numel() < min_weights:
                 continue
             bias = module.bias.detach() if module.bias is not None else None
             try:
