@@ -243,8 +243,9 @@ class GenerationConfig:
     batch_size: int = _field(16, "Prompts per generation batch in evaluation and `distillm generate`.")
     pack_weights: bool = _field(
         True,
-        "On a CPU, copy the model's float32 linear weights into oneDNN's packed layout for each generation "
-        "call: faster decoding steps, for a second copy of those weights while it runs.",
+        "On a CPU, copy the model's large float32 linear weights into oneDNN's packed layout for each "
+        "generation call of 16+ new tokens: faster decoding steps, for a second copy of those weights "
+        "while it runs (docs/generation.md).",
     )
 
     def validate(self, prefix: str) -> None:
