@@ -253,6 +253,27 @@ def test_families_and_settings_it_does_not_reproduce_get_no_fast_forward(family,
     assert fast_decoder(model) is None
 
 
+@pytest.mark.parametrize(
+    ("family", "extra"),
+    [
+        ("mistral", {"sliding_window": 12}),
+        ("qwen2", {"use_sliding_window": True, "sliding_window": 12, "max_window_layers": 1}),
+    ],
+)
+def test_a_sliding_window_that_covers_the_sequence_keeps_the_fast_forward(family, extra):
+    model = build(family, **extra).eval()
+    input_ids, attention_mask, keep = right_padded_batch()  # 12 positions
+    assert fast_decoder(model) is None  # the model takes 256 positions, which the window would restrict
+    assert fast_decoder(model, positions=13) is None
+    decoder = fast_decoder(model, positions=12)
+    with torch.no_grad():
+        reference = hf_hidden_states(model, input_ids, attention_mask)
+        torch.testing.assert_close(decoder.hidden_states(input_ids, attention_mask, keep), reference[keep])
+        # The test has teeth: a window shorter than the sequence does change the Hugging Face forward.
+        narrow = build(family, **{**extra, "sliding_window": 4}).eval()
+        assert not torch.allclose(hf_hidden_states(narrow, input_ids, attention_mask)[keep], reference[keep])
+
+
 def test_a_model_with_deepspeed_partitioned_parameters_gets_no_fast_forward():
     model = build("gpt2")
     assert fast_decoder(model) is not None
@@ -298,5 +319,13 @@ def test_packing_skips_lora_layers_other_dtypes_and_torch_builds_without_onednn(
     assert decoder.pack_weights(2, min_weights=0) == 3 * 3
     assert not decoder.packed(model.get_base_model().transformer.h[0].attn.c_attn)
     assert fast_decoder(build("llama").double()).pack_weights(2, min_weights=0) == 0
+    llama = fast_decoder(build("llama"))
+
+    def refuse(*args):
+        raise RuntimeError("not supported by this build")
+
+    with monkeypatch.context() as patch:  # a build whose private op refuses to run: nothing is packed
+        patch.setattr(torch.ops.mkldnn, "_linear_pointwise", refuse)
+        assert llama.pack_weights(2, min_weights=0) == 0 and not llama._packed
     monkeypatch.setattr(fast_forward, "_onednn_packing_available", lambda: False)
-    assert fast_decoder(build("llama")).pack_weights(2, min_weights=0) == 0
+    assert llama.pack_weights(2, min_weights=0) == 0

@@ -43,6 +43,31 @@ def llama_eager(llama_dir):
 
 
 @pytest.fixture(scope="module")
+def mistral(tiny_model_factory):
+    """Mistral-7B-v0.1's attention: a 4,096-position sliding window over 32k positions.
+
+    The window binds only beyond 4,096 positions, so these short runs take the fast decoding step.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from distillm.fast_forward import fast_decoder
+
+    folder = tiny_model_factory(
+        "mistral",
+        seed=5,
+        layers=2,
+        hidden=32,
+        heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+    )
+    model = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+    assert model.config.sliding_window == 4096
+    assert fast_decoder(model) is None and fast_decoder(model, positions=64) is not None
+    return model
+
+
+@pytest.fixture(scope="module")
 def opt(tiny_model_factory):
     from transformers import AutoModelForCausalLM
 
@@ -118,7 +143,7 @@ def test_rows_without_eos_run_to_max_new_tokens():
     assert torch.equal(out, torch.tensor([[5, 6, 7, 8], [1, 3, PAD, PAD]]))
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "llama_eager", "opt"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "llama_eager", "mistral", "opt"])
 def test_greedy_decoding_equals_hf_generate_with_left_padded_prompts(family, request):
     model = request.getfixturevalue(family)
     prompts, mask = left_padded_prompts([3, 11, 6, 1], seed=1)

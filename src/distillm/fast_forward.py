@@ -24,8 +24,8 @@ states, decoding logits and parameter gradients against the Hugging Face forward
 family.
 
 Supported: GPT-2 (``gpt2``) and the Llama layout (``llama``, ``mistral``, ``qwen2``, ``qwen3``: grouped
-keys/values, rotary embeddings, optional q/k norms), without sliding-window attention and without GPT-2's
-reordered/upcast attention. :func:`fast_decoder` returns ``None`` for anything else, and callers fall back to
+keys/values, rotary embeddings, optional q/k norms), without GPT-2's reordered/upcast attention, and with a
+sliding-window attention only where the window covers the whole sequence. :func:`fast_decoder` returns ``None`` for anything else, and callers fall back to
 the model's own forward. It must not be used on a model whose parameters are sharded over processes
 (DeepSpeed ZeRO-3, FSDP): those gather parameters in the forward of the wrapped model, which this bypasses.
 """
@@ -73,8 +73,13 @@ class KVCache:
     key_mask: Tensor | None
 
 
-def fast_decoder(model: nn.Module) -> FastDecoder | None:
-    """A :class:`FastDecoder` for ``model`` (a Hugging Face causal LM, possibly peft-wrapped), or None."""
+def fast_decoder(model: nn.Module, positions: int | None = None) -> FastDecoder | None:
+    """A :class:`FastDecoder` for ``model`` (a Hugging Face causal LM, possibly peft-wrapped), or None.
+
+    ``positions``: how many positions the sequences it will run have at most (the batch width; prompt +
+    new tokens when decoding); None means the model's ``max_position_embeddings``. A sliding-window
+    attention is reproduced only where the window covers them all (then it changes nothing).
+    """
     hf_model = unwrap_peft(model)
     config = getattr(hf_model, "config", None)
     model_type = getattr(config, "model_type", None)
@@ -82,12 +87,14 @@ def fast_decoder(model: nn.Module) -> FastDecoder | None:
     if model_type == "gpt2":
         supported = not (config.reorder_and_upcast_attn or getattr(config, "add_cross_attention", False))
     elif model_type in LLAMA_LAYOUT_TYPES:
-        # A sliding window changes the attention only if it is shorter than the positions the model has.
+        # A window of W positions (each query sees itself and the W - 1 before it) restricts nothing in a
+        # sequence of at most W positions.
         window = getattr(config, "sliding_window", None)
         sliding = model_type == "mistral" or "sliding_attention" in (
             getattr(config, "layer_types", None) or ()
         )
-        supported = not sliding or window is None or window >= config.max_position_embeddings
+        longest = config.max_position_embeddings if positions is None else positions
+        supported = not sliding or window is None or window >= longest
     else:
         supported = False
     if supported and _sharded(hf_model):
@@ -295,10 +302,14 @@ class FastDecoder:
                 continue
             bias = module.bias.detach() if module.bias is not None else None
             try:
-                self._packed[module] = (torch.ops.mkldnn._reorder_linear_weight(weight, batch_size), bias)
-            except RuntimeError:  # a private op: should a build refuse it, decode unpacked
+                packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_size)
+                if not self._packed:  # private ops: try the first one before relying on them
+                    probe = weight.new_zeros(1, weight.shape[1])
+                    torch.ops.mkldnn._linear_pointwise(probe, packed, bias, "none", [None], "")
+            except (RuntimeError, TypeError):  # this torch build refuses them: decode unpacked
                 self._packed.clear()
                 return 0
+            self._packed[module] = (packed, bias)
         self._packed_mlps.update(mlp for mlp, linears in mlps if all(m in self._packed for m in linears))
         return len(self._packed)
 

@@ -115,7 +115,7 @@ def supervised_hidden_states(model: nn.Module, batch: dict[str, Tensor], sharded
     contract = torch.equal(attention.bool(), right_padded) and torch.equal(mask & right_padded, mask)
     lengths_list = lengths.tolist()
     groups = length_groups(lengths_list) if contract and not sharded else []
-    decoder = None if sharded else fast_decoder(model)
+    decoder = None if sharded else fast_decoder(model, positions=attention.shape[1])
     if len(groups) <= 1:
         return _kept_hidden_states(model, decoder, batch["input_ids"], attention, mask)
     destination = (mask.flatten().cumsum(0) - 1).view_as(mask)  # [B, T]: each position's row in the result
