@@ -263,3 +263,83 @@ def test_an_fsdp_launch_without_a_gpu_is_refused(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(UserError, match="FSDP needs GPUs"):
         build_accelerator(load_config(CONFIGS / "tiny" / "kd.yaml", []))
+
+
+# Run by torchrun in 2 processes: a StudentObjective sharded by torch's FSDP (version argv[1]) on CPU, each
+# process changes its own shard, and WholeStudent must hand every process the whole changed weights.
+FSDP_WHOLE_STUDENT = """
+import functools, sys
+import torch, torch.distributed as dist
+from distillm.config import ObjectiveConfig
+from distillm.models import build_small_model
+from distillm.objective import StudentObjective
+from distillm.train import WholeStudent
+
+dist.init_process_group("gloo")
+student = build_small_model("llama", 64, layers=2, hidden=32, heads=4, num_key_value_heads=2)
+start = {name: p.detach().clone() for name, p in student.named_parameters()}
+objective = StudentObjective(student, ObjectiveConfig(chunk_size=0), 64, sharded=True)
+whole = WholeStudent(student, fsdp=True)
+if sys.argv[1] == "1":
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import size_based_auto_wrap_policy
+
+    policy = functools.partial(size_based_auto_wrap_policy, min_num_params=2000)
+    engine = FullyShardedDataParallel(
+        objective, device_id=torch.device("cpu"), use_orig_params=True, auto_wrap_policy=policy
+    )
+    assert sum(isinstance(m, FullyShardedDataParallel) for m in engine.modules()) > 1
+else:
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in student.model.layers:
+        fully_shard(layer)
+    engine = fully_shard(objective)
+local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in engine.parameters())
+assert 0 < local < sum(p.numel() for p in start.values()), local  # each process holds a part only
+
+
+def shift():
+    with torch.no_grad():
+        for p in engine.parameters():  # this process's shard of every parameter
+            p.add_(1.0)
+
+
+def assert_whole(model, shifts):
+    for name, p in model.named_parameters():
+        expected = start[name]
+        for _ in range(shifts):
+            expected = expected + 1.0
+        assert torch.equal(p, expected), name
+
+
+shift()
+assert_whole(whole.refreshed(None, engine, step=1), 1)
+shift()
+assert_whole(whole.refreshed(None, engine, step=1), 1)  # the same step: no new gather
+assert_whole(whole.refreshed(None, engine, step=2), 2)
+with open(f"{sys.argv[2]}/rank{dist.get_rank()}.txt", "w") as done:  # stdout of the ranks interleaves
+    done.write(f"whole on rank {dist.get_rank()} of {dist.get_world_size()}")
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("version", ["1", "2"])
+def test_under_fsdp_every_process_gets_the_whole_refreshed_student(version, tmp_path):
+    """Evaluation and generation under FSDP run on WholeStudent's copy (no per-forward collectives that
+    processes generating different lengths would desynchronise). accelerate runs FSDP on GPUs only, so this
+    shards with torch's FSDP directly on 2 CPU processes (gloo)."""
+    script = tmp_path / "fsdp_whole_student.py"
+    script.write_text(FSDP_WHOLE_STUDENT)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [*TORCHRUN, str(script), version, str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    for rank in (0, 1):
+        assert (tmp_path / f"rank{rank}.txt").read_text() == f"whole on rank {rank} of 2"

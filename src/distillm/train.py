@@ -239,37 +239,57 @@ def _is_zero3(accelerator) -> bool:
 
 
 class WholeStudent:
-    """Under ZeRO-3, a whole copy of the student for what runs outside the engine's forward.
+    """Under ZeRO-3 or FSDP, a whole copy of the student for what runs outside the engine's forward.
 
     Evaluation, ROUGE-L generations and student-generated training sequences apply the student's lm_head
     outside its own module (supervised positions only, a head-only decoding step), where ZeRO-3 has not
-    gathered it, and generations of different lengths would make the processes' gathers disagree. So
-    those run on a plain copy, refreshed from the engine's partitioned weights when they changed.
+    gathered it. And sharded parameters are gathered in every forward, a collective every process must join
+    the same number of times, while these forwards differ per process: generations stop at each process's
+    own EOS, dev batches are grouped by each process's row lengths. So those run on a plain copy on every
+    process, refreshed from the engine's sharded weights when they changed.
     """
 
-    def __init__(self, student: torch.nn.Module):
+    def __init__(self, student: torch.nn.Module, fsdp: bool):
         import copy
 
         self.model = copy.deepcopy(student)
+        self.fsdp = fsdp
         self.step: int | None = None
 
-    def refreshed(self, objective_student: torch.nn.Module, step: int) -> torch.nn.Module:
-        """The copy holding the weights of optimizer step ``step`` (call on every process: it gathers)."""
-        if self.step != step:
-            import deepspeed
+    def refreshed(self, accelerator, objective: torch.nn.Module, step: int) -> torch.nn.Module:
+        """The copy holding the weights of optimizer step ``step``; ``objective`` is the prepared engine.
 
-            params = list(objective_student.parameters())
-            with deepspeed.zero.GatheredParameters(params):  # whole on every process inside the block
-                for mine, theirs in zip(self.model.parameters(), params, strict=True):
-                    mine.data.copy_(theirs.data)
+        Call it on every process: it gathers.
+        """
+        if self.step != step:
+            if self.fsdp:
+                self._copy_fsdp(objective)
+            else:
+                import deepspeed
+
+                params = list(_unwrap(accelerator, objective).student.parameters())
+                with deepspeed.zero.GatheredParameters(params):  # whole on every process inside the block
+                    for mine, theirs in zip(self.model.parameters(), params, strict=True):
+                        mine.data.copy_(theirs.data)
             self.step = step
         return self.model
 
+    def _copy_fsdp(self, objective: torch.nn.Module) -> None:
+        """Copy the full weights of an FSDP-sharded ``StudentObjective`` (FSDP 1 or 2) into the copy."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        # full_state_dict without cpu_offload: every process receives every full tensor.
+        state = get_model_state_dict(objective, options=StateDictOptions(full_state_dict=True))
+        with torch.no_grad():
+            for name, mine in self.model.named_parameters():
+                mine.copy_(state[f"student.{name}"])
+
 
 def _student_outside_engine(accelerator, objective, whole: WholeStudent | None, step: int):
-    """The student to evaluate or sample from: the engine's own, or under ZeRO-3 the refreshed copy."""
-    student = _unwrap(accelerator, objective).student
-    return whole.refreshed(student, step) if whole is not None else student
+    """The student to evaluate or sample from: the engine's own, or under ZeRO-3 / FSDP the refreshed copy."""
+    if whole is not None:
+        return whole.refreshed(accelerator, objective, step)
+    return _unwrap(accelerator, objective).student
 
 
 def _sharded(accelerator) -> bool:
@@ -522,7 +542,7 @@ def train(config: Config) -> TrainResult:
         logger.info("resumed from %s (step %d)", checkpoint, state.step)
 
     configure_deepspeed(accelerator, config)
-    whole = WholeStudent(student) if _is_zero3(accelerator) else None
+    whole = WholeStudent(student, fsdp=not _is_zero3(accelerator)) if _sharded(accelerator) else None
     objective, optimizer = accelerator.prepare(objective, optimizer)
     if checkpoint is not None and accelerator.state.deepspeed_plugin is not None:
         _load_engine_state(objective, checkpoint)
