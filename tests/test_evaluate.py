@@ -216,3 +216,15 @@ def test_a_lora_adapter_folder_loads_merged_onto_its_base_model(tiny_student_dir
     )  # fmt: skip
     assert code == 0
     assert (tmp_path / "out/predictions/adapter/tasks/seed1.jsonl").is_file()
+
+
+def test_packed_decoding_weights_are_on_by_default_and_the_cli_turns_them_off():
+    import argparse
+
+    from distillm.evaluate import _generation_config, add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    required = ["--model", "m", "--data", "tasks", "--out", "o"]
+    assert _generation_config(parser.parse_args(required)).pack_weights
+    assert not _generation_config(parser.parse_args([*required, "--no-pack-weights"])).pack_weights

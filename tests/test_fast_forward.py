@@ -318,6 +318,11 @@ def test_packing_skips_lora_layers_other_dtypes_and_torch_builds_without_onednn(
     # c_attn carries the adapter and keeps its own forward; c_proj, c_fc and the MLP's c_proj are packed.
     assert decoder.pack_weights(2, min_weights=0) == 3 * 3
     assert not decoder.packed(model.get_base_model().transformer.h[0].attn.c_attn)
+    # LoRA on one map of a gated MLP: the MLP runs its own forward, so none of its maps is packed.
+    llama = get_peft_model(
+        build("llama"), LoraConfig(r=4, target_modules=["gate_proj"], init_lora_weights=False)
+    )
+    assert fast_decoder(llama).pack_weights(2, min_weights=0) == 3 * 4  # q, k, v and o of each layer
     assert fast_decoder(build("llama").double()).pack_weights(2, min_weights=0) == 0
     llama = fast_decoder(build("llama"))
 

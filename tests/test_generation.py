@@ -68,6 +68,21 @@ def mistral(tiny_model_factory):
 
 
 @pytest.fixture(scope="module")
+def mistral_window(tiny_model_factory):
+    """Mistral with a 6-position sliding window, which these runs exceed: Hugging Face's own forward."""
+    from transformers import AutoModelForCausalLM
+
+    from distillm.fast_forward import fast_decoder
+
+    folder = tiny_model_factory(
+        "mistral", seed=6, layers=2, hidden=32, heads=4, num_key_value_heads=2, sliding_window=6
+    )
+    model = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+    assert model.config.sliding_window == 6 and fast_decoder(model, positions=7) is None
+    return model
+
+
+@pytest.fixture(scope="module")
 def opt(tiny_model_factory):
     from transformers import AutoModelForCausalLM
 
@@ -143,7 +158,7 @@ def test_rows_without_eos_run_to_max_new_tokens():
     assert torch.equal(out, torch.tensor([[5, 6, 7, 8], [1, 3, PAD, PAD]]))
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "llama_eager", "mistral", "opt"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "llama_eager", "mistral", "mistral_window", "opt"])
 def test_greedy_decoding_equals_hf_generate_with_left_padded_prompts(family, request):
     model = request.getfixturevalue(family)
     prompts, mask = left_padded_prompts([3, 11, 6, 1], seed=1)
@@ -186,6 +201,31 @@ def test_runs_of_16_steps_or_more_pack_the_weights_and_sample_the_same_tokens(fa
     assert torch.equal(run(20, pack=True), unpacked) and packed == [2 * (4 if family == "gpt2" else 7) + 1]
     run(15, pack=True)
     assert packed == []  # too short a run to repay the packing
+
+
+def test_sampling_under_cpu_autocast_packs_nothing_and_samples_like_unpacked(llama, monkeypatch):
+    from distillm.fast_forward import FastDecoder
+
+    packed = []
+    pack_weights = FastDecoder.pack_weights
+    monkeypatch.setattr(
+        FastDecoder,
+        "pack_weights",
+        lambda self, *args, **kwargs: packed.append(
+            pack_weights(self, *args, **{**kwargs, "min_weights": 0})
+        ),
+    )
+    prompts, mask = left_padded_prompts([3, 9, 6], seed=4)
+
+    def run(pack: bool) -> torch.Tensor:
+        config = GenerationConfig(max_new_tokens=20, pack_weights=pack)
+        with torch.autocast(
+            "cpu", dtype=torch.bfloat16
+        ):  # bf16 activations: the packed fp32 maps refuse them
+            return sample(llama, prompts, mask, config, EOS, PAD, torch.Generator().manual_seed(7))
+
+    assert torch.equal(run(pack=True), run(pack=False))
+    assert packed == [0]
 
 
 def test_greedy_decoding_of_a_peft_model_equals_its_generate_and_uses_the_adapters(gpt2):

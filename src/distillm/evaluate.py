@@ -431,6 +431,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     generation.add_argument("--greedy", action="store_true", help="Decode greedily (every seed then agrees).")
     generation.add_argument("--batch-size", type=int, default=paper.batch_size)
+    generation.add_argument(
+        "--no-pack-weights",
+        dest="pack_weights",
+        action="store_false",
+        help="On CPU, decode without a packed copy of the weights (slower, one copy of them less in memory).",
+    )
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="Model weights' precision.")
     parser.add_argument(
         "--device", choices=("cpu", "cuda"), default=None, help="Default: cuda when available."
@@ -449,6 +455,7 @@ def _generation_config(args: argparse.Namespace) -> GenerationConfig:
         no_repeat_ngram_size=args.no_repeat_ngram_size,
         do_sample=not args.greedy,
         batch_size=args.batch_size,
+        pack_weights=args.pack_weights,
     )
     config.validate("generation")
     return config

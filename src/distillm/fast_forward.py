@@ -270,9 +270,10 @@ class FastDecoder:
         A decoding step multiplies a few rows (``batch_size``) by every weight matrix of the model. For such
         skinny products oneDNN's kernels on its own packed weight layout (what ``torch.compile`` uses on CPUs)
         run about twice as fast as the default ``F.linear`` once the weights no longer fit in the cache
-        (``benchmarks/generation.py``). The packed copies are made now and used by :meth:`prefill`,
-        :meth:`step` and :meth:`linear` while gradients are off; they are a second copy of the weights, held
-        as long as this object, so pack once per decoding run, after the weights last changed.
+        (``benchmarks/generation.py``). The packed copies are made now and used by every later
+        :meth:`prefill`, :meth:`step` and :meth:`linear` while gradients are off (``generation.sample`` packs
+        after its prefill); they are a second copy of the weights, held as long as this object, so pack once
+        per decoding run, after the weights last changed. Nothing is packed under CPU autocast.
 
         Packs plain ``nn.Linear`` maps and GPT-2's ``Conv1D`` in float32 on the CPU with at least
         ``min_weights`` weights (below that a packed call's fixed overhead outweighs its gain); anything else
@@ -281,8 +282,8 @@ class FastDecoder:
         """
         self._packed.clear()
         self._packed_mlps.clear()
-        if not _onednn_packing_available():
-            return 0
+        if not _onednn_packing_available() or torch.is_autocast_enabled("cpu"):
+            return 0  # under CPU autocast the inputs come in bf16, which the float32 packed maps refuse
         modules: list[nn.Module] = [head] if head is not None else []
         mlps: list[tuple[nn.Module, list[nn.Module]]] = []
         for layer in self.layers:
@@ -296,9 +297,17 @@ class FastDecoder:
                 if type(layer.mlp).__name__ in _GATED_MLPS:
                     mlp = layer.mlp
                     mlps.append((mlp, [mlp.gate_proj, mlp.up_proj, mlp.down_proj]))
-        for module in modules + [linear for _, linears in mlps for linear in linears]:
+
+        def packable_weight(module: nn.Module) -> Tensor | None:
             weight = _linear_weight(module)
-            if weight is None or weight.numel() < min_weights:
+            return weight if weight is not None and weight.numel() >= min_weights else None
+
+        # An MLP's maps only if all of them pack: otherwise the MLP runs its own forward (e.g. a LoRA layer
+        # on one of them) and copies of the others would go unused.
+        mlps = [(mlp, maps) for mlp, maps in mlps if all(packable_weight(m) is not None for m in maps)]
+        for module in modules + [linear for _, linears in mlps for linear in linears]:
+            weight = packable_weight(module)
+            if weight is None:
                 continue
             bias = module.bias.detach() if module.bias is not None else None
             try:
@@ -310,7 +319,7 @@ class FastDecoder:
                 self._packed.clear()
                 return 0
             self._packed[module] = (packed, bias)
-        self._packed_mlps.update(mlp for mlp, linears in mlps if all(m in self._packed for m in linears))
+        self._packed_mlps.update(mlp for mlp, _ in mlps)
         return len(self._packed)
 
     def packed(self, module: nn.Module) -> bool:
@@ -320,7 +329,7 @@ class FastDecoder:
     def linear(self, module: nn.Module, inputs: Tensor) -> Tensor:
         """``module(inputs)``, through its packed weight when :meth:`pack_weights` packed it and grads are off."""
         packed = self._packed.get(module) if self._packed else None
-        if packed is None or torch.is_grad_enabled():
+        if packed is None or torch.is_grad_enabled() or inputs.dtype != torch.float32:
             return module(inputs)
         return torch.ops.mkldnn._linear_pointwise(inputs, packed[0], packed[1], "none", [None], "")
 

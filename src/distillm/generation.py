@@ -253,7 +253,12 @@ class _LastLogits:
         # transformers 5.x renamed `past_key_values` to `cache` (the old name is deprecated).
         cache_arg = "cache" if "cache" in parameters else "past_key_values"
         # transformers 5 gives SDPA boolean masks and passes 4D masks through unchanged (4.x used float masks).
-        sdpa_bool_masks = _TRANSFORMERS_MAJOR >= 5 and getattr(config, "_attn_implementation", None) == "sdpa"
+        # Not with a sliding window: its cache keeps only the window's keys, which a full-width mask overruns.
+        sdpa_bool_masks = (
+            _TRANSFORMERS_MAJOR >= 5
+            and getattr(config, "_attn_implementation", None) == "sdpa"
+            and getattr(config, "sliding_window", None) is None
+        )
         return cls(module, head, cache_arg, "position_ids" in parameters, keep_last_only, sdpa_bool_masks)
 
     def __call__(
