@@ -372,3 +372,12 @@ def test_dev_loss_is_the_token_mean_cross_entropy_over_the_whole_dev_set(tiny_st
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     expected = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
     assert got == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_size_groups_cut_in_order_once_a_group_reaches_the_limit():
+    from distillm.train import size_groups
+
+    assert size_groups([3, 3, 3, 10, 1], size=lambda x: x, limit=6) == [[3, 3], [3, 10], [1]]
+    assert size_groups([7, 1], size=lambda x: x, limit=6) == [[7], [1]]  # one item may exceed it alone
+    assert size_groups([], size=lambda x: x, limit=6) == []
+    assert size_groups(["ab", "c"], size=len, limit=100) == [["ab", "c"]]

@@ -265,24 +265,55 @@ class WholeStudent:
             if self.fsdp:
                 self._copy_fsdp(objective)
             else:
-                import deepspeed
-
-                params = list(_unwrap(accelerator, objective).student.parameters())
-                with deepspeed.zero.GatheredParameters(params):  # whole on every process inside the block
-                    for mine, theirs in zip(self.model.parameters(), params, strict=True):
-                        mine.data.copy_(theirs.data)
+                self._copy_zero3(_unwrap(accelerator, objective).student)
             self.step = step
         return self.model
 
+    def _copy_zero3(self, partitioned: torch.nn.Module) -> None:
+        """Copy a ZeRO-3-partitioned student into the copy, gathering ~``_REFRESH_GROUP`` weights at a time."""
+        import deepspeed
+
+        pairs = list(zip(self.model.parameters(), partitioned.parameters(), strict=True))
+        for group in size_groups(pairs, lambda pair: getattr(pair[1], "ds_numel", pair[1].numel())):
+            with deepspeed.zero.GatheredParameters([theirs for _, theirs in group]):  # whole inside
+                for mine, theirs in group:
+                    mine.data.copy_(theirs.data)
+
     def _copy_fsdp(self, objective: torch.nn.Module) -> None:
         """Copy the full weights of an FSDP-sharded ``StudentObjective`` (FSDP 1 or 2) into the copy."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from torch.distributed.tensor import DTensor
 
-        # full_state_dict without cpu_offload: every process receives every full tensor.
-        state = get_model_state_dict(objective, options=StateDictOptions(full_state_dict=True))
+        params = dict(objective.named_parameters())
         with torch.no_grad():
+            if all(isinstance(p, DTensor) for p in params.values()):  # FSDP 2: one parameter at a time
+                for name, mine in self.model.named_parameters():
+                    mine.copy_(params[f"student.{name}"].full_tensor())
+                return
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            # FSDP 1 gathers the full state dict (every process receives every tensor without cpu_offload).
+            state = get_model_state_dict(objective, options=StateDictOptions(full_state_dict=True))
             for name, mine in self.model.named_parameters():
                 mine.copy_(state[f"student.{name}"])
+
+
+# Weights gathered at once while a ZeRO-3 WholeStudent is refreshed (256 MB in fp32): the gathered copy is
+# transient memory on every process, so it is bounded instead of a whole second student.
+_REFRESH_GROUP = 1 << 26
+
+
+def size_groups(items: list, size, limit: int = _REFRESH_GROUP) -> list[list]:
+    """``items`` in order, cut into consecutive groups that each close once their ``size(item)`` sum reaches
+    ``limit`` (so a group exceeds it by less than its last item)."""
+    groups: list[list] = [[]]
+    total = 0
+    for item in items:
+        groups[-1].append(item)
+        total += size(item)
+        if total >= limit:
+            groups.append([])
+            total = 0
+    return [group for group in groups if group]
 
 
 def _student_outside_engine(accelerator, objective, whole: WholeStudent | None, step: int):
