@@ -7,6 +7,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from distillm.fast_forward import fast_decoder
+from distillm.models import enable_gradient_checkpointing
 
 VOCAB = 61
 FAMILIES = ["gpt2", "llama", "qwen2", "qwen3", "mistral"]
@@ -206,7 +207,7 @@ def test_gradient_checkpointing_recomputes_layers_and_keeps_the_gradients():
     def run(checkpointing: bool):
         model = build("llama").train()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_gradient_checkpointing(model)
         calls = []
         model.model.layers[0].mlp.register_forward_pre_hook(lambda *args: calls.append(1))
         fast_decoder(model).hidden_states(input_ids, attention_mask, keep).square().sum().backward()

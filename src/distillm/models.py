@@ -326,7 +326,11 @@ def merge_lora(model):
 def enable_gradient_checkpointing(model) -> None:
     """Recompute activations in backward. Non-reentrant checkpointing lets gradients reach LoRA adapters even
     though the frozen embeddings' output does not require grad."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x's name
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
 
 
