@@ -174,18 +174,25 @@ def test_greedy_decoding_equals_hf_generate_with_left_padded_prompts(family, req
     assert torch.equal(ours, reference)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_runs_of_16_steps_or_more_pack_the_weights_and_sample_the_same_tokens(family, request, monkeypatch):
+@pytest.fixture
+def packed(monkeypatch) -> list[int]:
+    """What each ``FastDecoder.pack_weights`` call packed; it packs every map whatever its size (the test
+    models are tiny)."""
     from distillm.fast_forward import FastDecoder
 
-    model = request.getfixturevalue(family)
-    packed = []  # what each pack_weights call packed, every map whatever its size (these models are tiny)
+    counts: list[int] = []
     pack_weights = FastDecoder.pack_weights
 
     def pack_every_size(self, *args, **kwargs):
-        packed.append(pack_weights(self, *args, **{**kwargs, "min_weights": 0}))
+        counts.append(pack_weights(self, *args, **{**kwargs, "min_weights": 0}))
 
     monkeypatch.setattr(FastDecoder, "pack_weights", pack_every_size)
+    return counts
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_runs_of_16_steps_or_more_pack_the_weights_and_sample_the_same_tokens(family, request, packed):
+    model = request.getfixturevalue(family)
     prompts, mask = left_padded_prompts([3, 9, 6], seed=4)
 
     def run(max_new_tokens: int, pack: bool) -> torch.Tensor:
@@ -203,25 +210,13 @@ def test_runs_of_16_steps_or_more_pack_the_weights_and_sample_the_same_tokens(fa
     assert packed == []  # too short a run to repay the packing
 
 
-def test_sampling_under_cpu_autocast_packs_nothing_and_samples_like_unpacked(llama, monkeypatch):
-    from distillm.fast_forward import FastDecoder
-
-    packed = []
-    pack_weights = FastDecoder.pack_weights
-    monkeypatch.setattr(
-        FastDecoder,
-        "pack_weights",
-        lambda self, *args, **kwargs: packed.append(
-            pack_weights(self, *args, **{**kwargs, "min_weights": 0})
-        ),
-    )
+def test_sampling_under_cpu_autocast_packs_nothing_and_samples_like_unpacked(llama, packed):
     prompts, mask = left_padded_prompts([3, 9, 6], seed=4)
 
     def run(pack: bool) -> torch.Tensor:
         config = GenerationConfig(max_new_tokens=20, pack_weights=pack)
-        with torch.autocast(
-            "cpu", dtype=torch.bfloat16
-        ):  # bf16 activations: the packed fp32 maps refuse them
+        # bf16 activations, which float32 packed maps would refuse
+        with torch.autocast("cpu", dtype=torch.bfloat16):
             return sample(llama, prompts, mask, config, EOS, PAD, torch.Generator().manual_seed(7))
 
     assert torch.equal(run(pack=True), run(pack=False))
