@@ -66,15 +66,12 @@ def left_padded_prompts(
     return ids, mask
 
 
+# The sampling settings both loops get.
+SETTINGS = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
+
+
 def time_ours(model, ids, mask, new_tokens: int, vocab: int, seed: int, pack_weights: bool = True) -> float:
-    config = GenerationConfig(
-        max_new_tokens=new_tokens,
-        temperature=1.0,
-        top_k=0,
-        top_p=1.0,
-        do_sample=True,
-        pack_weights=pack_weights,
-    )
+    config = GenerationConfig(max_new_tokens=new_tokens, pack_weights=pack_weights, **SETTINGS)
     start = time.perf_counter()
     out = sample(
         model,
@@ -96,10 +93,7 @@ def time_generate(model, ids, mask, new_tokens: int, vocab: int, seed: int) -> f
     out = model.generate(
         input_ids=ids,
         attention_mask=mask,
-        do_sample=True,
-        temperature=1.0,
-        top_k=0,
-        top_p=1.0,
+        **SETTINGS,
         max_new_tokens=new_tokens,
         eos_token_id=vocab,
         pad_token_id=0,

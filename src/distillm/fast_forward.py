@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+from transformers.pytorch_utils import Conv1D
 
 from distillm.models import unwrap_peft
 
@@ -457,7 +458,7 @@ def _linear_weight(module: nn.Module) -> Tensor | None:
     """The ``[out, in]`` weight of a plain float32 CPU linear map (``nn.Linear``, transformers' ``Conv1D``)."""
     if type(module) is nn.Linear:
         weight = module.weight
-    elif type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers."):
+    elif type(module) is Conv1D:
         weight = module.weight.t()  # Conv1D computes x @ W + b with W [in, out]
     else:
         return None
