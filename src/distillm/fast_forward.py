@@ -55,8 +55,9 @@ _MIN_SHARED_PREFIX = 4
 # MLP classes whose forward is `down_proj(act_fn(gate_proj(x)) * up_proj(x))`; with packed weights
 # (`FastDecoder.pack_weights`) that glue runs here, around the packed linear maps.
 _GATED_MLPS = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"})
-# oneDNN's packed linear costs ~30 us more per call than F.linear for 8-16 rows: it wins from about 256K
-# weights (8 rows: 576x576 1.1x, 576x1536 1.8x, 128x8192 1.8x faster) and loses below (128x384: 0.5x).
+# oneDNN's packed linear has a fixed cost of ~20-30 us more per call than F.linear: at 8 rows it breaks even
+# at about 256K-330K weights (576x576: 1.00x; 576x1536 1.72x, 128x8192 1.81x faster; 128x384 0.50x), see
+# benchmarks/packed_linear.py.
 _MIN_PACKED_WEIGHTS = 1 << 18
 
 

@@ -28,8 +28,8 @@ logger = logging.getLogger(__name__)
 
 # Heads of at least this many weights are applied as W @ h^T (see `_LastLogits`); below it F.linear is as fast.
 _TRANSPOSED_HEAD_MIN_SIZE = 1 << 22
-# Packing the weights for decoding (`FastDecoder.pack_weights`) costs about as much as 4 unpacked steps and
-# saves about 30% of each step: worth it from about 13 steps on.
+# Packing the weights for decoding (`FastDecoder.pack_weights`) costs 4-6 unpacked steps for the SmolLM2 shape
+# and saves about 30% of each step: worth it from about 13-20 steps on (benchmarks/packed_linear.py).
 _MIN_STEPS_TO_PACK = 16
 _TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 
@@ -102,7 +102,7 @@ def _decode(
         prompt_ids, full_mask[:, :prompt_len] if has_padding else None, positions, None
     )
     if config.pack_weights and max_new >= _MIN_STEPS_TO_PACK and last_logits.fast is not None:
-        # After the prefill: its wide products ran ~12% slower on the packed layout.
+        # After the prefill: its wide products gain nothing from the packed layout.
         last_logits.fast.pack_weights(batch_size, head=last_logits.head)
     if has_padding and last_logits.sdpa_bool_masks:
         # Decoding steps get the [B, 1, 1, KV] boolean mask SDPA uses (True = attend), sliced from one
