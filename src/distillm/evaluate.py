@@ -259,6 +259,7 @@ def load_eval_set(
                 )
             name = path.parent.name if path.stem in _GENERIC_STEMS and path.parent.name else path.stem
         examples, report = read_examples(str(path), format)
+        examples = [example.for_evaluation() for example in examples]
         for line in report.lines():
             logger.info(line)
         source = str(path)

@@ -390,6 +390,9 @@ def load_data(config: Config, tokenizer, cache_dir: Path) -> TrainingData:
         dev_rows, _ = read_examples(d.dev, d.format)
     else:
         train_rows, dev_rows = split_dev(examples, d.dev_size, d.dev_split, config.seed)
+    dev_rows = [
+        example.for_evaluation() for example in dev_rows
+    ]  # SeqKD rows: the ground truth, not the teacher's
     if len(train_rows) < config.train.batch_size:
         raise UserError(
             f"{d.train}: {len(train_rows)} training rows is fewer than train.batch_size={config.train.batch_size}"
