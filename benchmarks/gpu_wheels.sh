@@ -24,7 +24,7 @@ rm -f "$WHEELS"/*.whl
 "$PY" -m pip download --quiet --no-deps --only-binary=:all: --python-version "$PYVER" --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     --platform any -d "$WHEELS" "${PACKAGES[@]}"
-"$PY" -m pip wheel --quiet --no-deps --no-build-isolation -w "$WHEELS" "${SDIST_PACKAGES[@]}"
+"$PY" -m pip wheel --quiet --no-deps -w "$WHEELS" "${SDIST_PACKAGES[@]}"
 for wheel in "$WHEELS"/*.whl; do
     case "$(basename "$wheel")" in
         *-py3-none-any.whl | *-py2.py3-none-any.whl | *-cp${PYVER/./}-*.whl | *-abi3-*.whl) ;;

@@ -454,7 +454,9 @@ def test_the_generate_sampler_decodes_greedily_like_ours(family, request):
     model = request.getfixturevalue(family)
     prompts, mask = left_padded_prompts([3, 11, 6, 1], seed=1)
     ours, theirs = (
-        sample(model, prompts, mask, GenerationConfig(max_new_tokens=20, do_sample=False, sampler=s), EOS, PAD)
+        sample(
+            model, prompts, mask, GenerationConfig(max_new_tokens=20, do_sample=False, sampler=s), EOS, PAD
+        )
         for s in ("distillm", "generate")
     )
     assert torch.equal(theirs, ours)
