@@ -18,7 +18,9 @@ section still runs; the limits add up to under 8 minutes):
    chunked loss;
 3. `liger`: benchmarks/liger_jsd.py at Liger's benchmark shape and GPT-2 XL's;
 4. `sampling`: benchmarks/generation.py, our sampler against `model.generate` (batch 32, 256 new tokens),
-   and which one `generation.sampler=auto` should run on this device.
+   and which one `generation.sampler=auto` should run on this device;
+5. `tests`: the tests marked `gpu`, and the training-loop tests of every method preset, which run on CUDA
+   there (accelerate picks the device).
 """
 
 from __future__ import annotations
@@ -44,7 +46,18 @@ BENCHMARKS = ROOT / "benchmarks"
 PRESETS = ROOT / "configs" / "gpt2"
 # Seconds each section may take, full and --tiny; together under 8 minutes with the set-up around them.
 # --tiny runs on 2 shared CPU cores, where each `distillm train` costs ~40 s of imports and set-up.
-LIMITS = {"cli": (220, 600), "distill_step": (60, 180), "liger": (100, 180), "sampling": (70, 180)}
+LIMITS = {
+    "cli": (200, 600),
+    "distill_step": (55, 180),
+    "liger": (90, 180),
+    "sampling": (65, 180),
+    "tests": (45, 300),
+}
+# Test files whose training and evaluation runs pick CUDA by themselves where it is there (accelerate), so that
+# CPU tests which pass here but fail on CUDA show; plus every test marked `gpu`.
+CUDA_TESTS = (
+    "tests/test_train.py::test_each_method_preset_trains_and_lowers_its_objective_on_a_fixed_batch",
+)
 PACKAGES = (
     "torch",
     "transformers",
@@ -467,6 +480,27 @@ def sampling_section(work: Path, tiny: bool, budget: float) -> str:
     return "\n".join(lines)
 
 
+def tests_section(work: Path, tiny: bool, budget: float) -> str:
+    """The suite's `gpu` tests and CUDA_TESTS, with pytest's summary line."""
+    pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    runs = (
+        ("gpu", "pytest -m gpu tests", [*pytest, "-m", "gpu", "tests"]),
+        ("train", "pytest " + " ".join(CUDA_TESTS), [*pytest, *CUDA_TESTS]),
+    )
+    lines = []
+    deadline = time.perf_counter() + budget
+    for key, name, command in runs:
+        command = [*command, "--basetemp", str(work / f"pytest-{key}")]
+        result = run(command, deadline - time.perf_counter(), work / f"pytest-{key}.log")
+        summary = next((line for line in reversed(result.output.splitlines()) if " in " in line), "")
+        # pytest's exit 5: no test ran (the gpu marks are skipped without CUDA).
+        status = "ok" if result.returncode in (0, 5) else result.status
+        lines.append(f"- `{name}`: {status}; {summary.strip(' =') or 'no summary line'}")
+        if result.returncode not in (0, 5):
+            lines += ["", "```", tail(result.output), "```"]
+    return "\n".join(lines)
+
+
 SECTIONS = {
     "cli": ("1. The CLI on CUDA in bf16", cli_section),
     "distill_step": (
@@ -475,6 +509,7 @@ SECTIONS = {
     ),
     "liger": ("3. Chunked divergences against Liger-Kernel", liger_section),
     "sampling": ("4. Student sampling: ours against model.generate", sampling_section),
+    "tests": ("5. Tests on this machine: the `gpu` marks and the training loop on its device", tests_section),
 }
 
 
