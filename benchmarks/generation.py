@@ -117,7 +117,7 @@ def time_generate(model, ids, mask, new_tokens: int, vocab: int, seed: int) -> f
     return elapsed
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -138,7 +138,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_false",
         help="sample without packing the weights for oneDNN (GenerationConfig.pack_weights=false)",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -352,9 +352,27 @@ def cli_section(work: Path, tiny: bool, budget: float) -> str:
 # ---- sections 2-4: the benchmarks ------------------------------------------------------------------------------
 
 
+def distill_step_args(tiny: bool) -> list[str]:
+    return ["--json", "--steps", "5"] + (["--tiny"] if tiny else [])
+
+
+def liger_args(tiny: bool, shape: str) -> list[str]:
+    return ["--json"] + (["--tiny"] if tiny else ["--shapes", shape])
+
+
+def sampling_args(tiny: bool, device: str) -> list[str]:
+    args = ["--device", device, "--recommend"]
+    if tiny:
+        return args + ["--models", "tiny", "--batch", "2", "--new-tokens", "8", "--repeats", "1"]
+    return args + [
+        "--dtype", "bf16", "--models", "gpt2", "gpt2-medium", "--batch", "32", "--new-tokens", "256",
+        "--repeats", "3",
+    ]  # fmt: skip
+
+
 def distill_step_section(work: Path, tiny: bool, budget: float) -> str:
-    command = [sys.executable, str(BENCHMARKS / "distill_step.py"), "--json", "--steps", "5"]
-    result = run(command + (["--tiny"] if tiny else []), budget, work / "distill_step.log")
+    command = [sys.executable, str(BENCHMARKS / "distill_step.py"), *distill_step_args(tiny)]
+    result = run(command, budget, work / "distill_step.log")
     rows = json_lines(result.output)
     lines = []
     peak = next((r for r in rows if "matmul_peak_tflops" in r), None)
@@ -429,8 +447,7 @@ def liger_section(work: Path, tiny: bool, budget: float) -> str:
     ]
     verdicts, failures = [], []
     for k, shape in enumerate(shapes):
-        command = [sys.executable, str(BENCHMARKS / "liger_jsd.py"), "--json"]
-        command += ["--tiny"] if tiny else ["--shapes", shape]
+        command = [sys.executable, str(BENCHMARKS / "liger_jsd.py"), *liger_args(tiny, shape)]
         share = (deadline - time.perf_counter()) / (len(shapes) - k)
         result = run(command, share, work / f"liger-{shape}.log")
         rows = json_lines(result.output)
@@ -462,12 +479,7 @@ def sampling_section(work: Path, tiny: bool, budget: float) -> str:
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    command = [sys.executable, str(BENCHMARKS / "generation.py"), "--device", device, "--recommend"]
-    if tiny:
-        command += ["--models", "tiny", "--batch", "2", "--new-tokens", "8", "--repeats", "1"]
-    else:
-        command += ["--dtype", "bf16", "--models", "gpt2", "gpt2-medium", "--batch", "32"]
-        command += ["--new-tokens", "256", "--repeats", "3"]
+    command = [sys.executable, str(BENCHMARKS / "generation.py"), *sampling_args(tiny, device)]
     result = run(command, budget, work / "sampling.log")
     table = [
         line for line in result.output.splitlines() if line.startswith(("|", "device ", "Recommendation"))

@@ -227,7 +227,7 @@ def format_row(row: dict, rows: list[dict]) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -240,7 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tiny", action="store_true", help="The tiny shape, 1 warm-up, 2 repeats.")
     parser.add_argument("--json", action="store_true", help="One JSON object per row.")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.tiny:
         args.shapes, args.warmup, args.repeats, args.chunk_size = ["tiny"], 1, 2, 16
     device = torch.device(args.device)

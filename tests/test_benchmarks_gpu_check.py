@@ -133,3 +133,39 @@ def test_the_liger_benchmark_runs_tiny_on_a_cpu_and_our_chunked_jsd_equals_the_d
         assert rows[name]["status"].startswith("skipped:")
     if rows["liger chunked jsd"]["status"] == "ok":  # plain PyTorch chunks: they run on a CPU too
         assert rows["liger chunked jsd"]["loss"] == pytest.approx(dense, rel=512 * 2**-23)
+
+
+@pytest.mark.parametrize("tiny", [False, True])
+def test_every_benchmark_accepts_the_command_line_the_check_gives_it(gpu_check, tiny):
+    """A misspelt option would only show on the lent GPU machine, in its few minutes."""
+    distill_step = load("distill_step").parse_args(gpu_check.distill_step_args(tiny))
+    assert distill_step.json and distill_step.steps == (2 if tiny else 5)
+    if not tiny:  # the issue's shapes: GPT-2 XL into GPT-2, bf16, 8 x 512
+        assert (tuple(distill_step.teacher), tuple(distill_step.student)) == ((48, 1600, 25), (12, 768, 12))
+        assert (distill_step.batch, distill_step.seq, distill_step.dtype) == (8, 512, "bf16")
+    liger_parser = load("liger_jsd").build_parser()
+    for shape in ["tiny"] if tiny else ["liger", "gpt2-xl"]:
+        liger = liger_parser.parse_args(gpu_check.liger_args(tiny, shape))
+        assert liger.tiny or liger.shapes == [shape]
+    sampling = load("generation").build_parser().parse_args(gpu_check.sampling_args(tiny, "cuda"))
+    assert sampling.recommend and sampling.device == "cuda"
+    if not tiny:  # the issue's setting: batch 32, 256 new tokens, on the paper's GPT-2 student shapes
+        assert (sampling.batch, sampling.new_tokens, sampling.dtype) == (32, [256], "bf16")
+        assert sampling.models == ["gpt2", "gpt2-medium"]
+
+
+@pytest.mark.parametrize("shape", ["full", "tiny"])
+def test_every_method_preset_accepts_the_checks_overrides(gpu_check, tmp_path, shape):
+    from distillm.config import load_config
+
+    paths = {key: tmp_path / key for key in ("student", "teacher", "train", "dev", "pretrain")}
+    sizes = gpu_check.CLI_SHAPES[shape]
+    for method in gpu_check.cli_methods():
+        overrides = gpu_check.train_overrides(method, paths, tmp_path, sizes)
+        config = load_config(gpu_check.PRESETS / f"{method}-medium.yaml", overrides)
+        assert (config.train.precision, config.model.teacher_dtype) == ("bf16", "bf16")
+        assert config.train.max_steps == config.train.eval_every == sizes["steps"]
+        assert config.model.student == str(paths["student"]) and not config.train.eval_rouge
+        if method == "distillm":  # phi starts at 0.5: the few steps also sample and replay
+            assert config.sources.kind == "adaptive" and config.sources.init_threshold == 0.5
+            assert config.objective.lm_coef > 0 and config.data.pretrain == str(paths["pretrain"])
