@@ -601,6 +601,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def git_commit() -> str:
+    """``$COMMIT`` where given (the copy on the device machine may have no .git), else git's short hash."""
+    if os.environ.get("COMMIT"):
+        return os.environ["COMMIT"]
     try:
         result = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT, timeout=10

@@ -6,8 +6,9 @@
 #
 #   benchmarks/gpu_check.sh [--tiny] [--out DIR]    # report: DIR/gpu_check.md (default $OUT, else runs/gpu_check)
 #
-# On the device tool: carry [".whl"] and run `bash benchmarks/gpu_check.sh` with timeout_s 540 (it ends in
-# under 8 minutes: each section has its own time limit and a failing one is recorded, not fatal).
+# On the device tool: carry [".whl"] and run `COMMIT=<short hash> bash benchmarks/gpu_check.sh` with
+# timeout_s 540 (it ends in under 8 minutes: each section has its own time limit and a failing one is
+# recorded, not fatal; COMMIT names the commit in the report, as the copy there may have no .git).
 # `--tiny` runs every section at tiny shapes on any machine (a CPU too): it checks the script, not the GPU.
 #
 # Variables: PY (default python3), WHEELS (default .whl), SITE (where the wheels go, default
