@@ -485,8 +485,14 @@ def sampling_section(work: Path, tiny: bool, budget: float) -> str:
         line for line in result.output.splitlines() if line.startswith(("|", "device ", "Recommendation"))
     ]
     lines = table or ["(no table)"]
+    # Markdown needs a blank line between a paragraph and a table, and after the table.
+    if lines[0].startswith("device "):
+        lines.insert(1, "")
+    lines = [part for line in lines for part in (["", line] if line.startswith("Recommendation") else [line])]
     if tiny:
         lines += ["", "(--tiny: 2 rows x 8 tokens on a CPU say nothing about which sampler is faster.)"]
+    else:
+        lines = [line if not line.startswith("Recommendation") else f"**{line}**" for line in lines]
     if result.returncode != 0:
         lines += ["", f"generation.py: {result.status}", "```", tail(result.output), "```"]
     return "\n".join(lines)
