@@ -17,7 +17,7 @@ AdamW); peak memory is counted from after the warm-up step of each path.
 Model FLOPs are 6 N per token for the student and 2 N for the frozen teacher, every position through every
 parameter (N counts GPT-2's tied embedding and head once). The step computes less than that: both heads
 and the last layer run at the supervised positions only (half of them here, distillm.fast_forward), about
-5% of those FLOPs at these shapes, so the MFU overstates the device's utilisation by about that much.
+6% of those FLOPs at these shapes, so the MFU overstates the device's utilisation by about that much.
 """
 
 from __future__ import annotations
