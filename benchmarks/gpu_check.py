@@ -273,6 +273,38 @@ def train_figures(run_dir: Path) -> dict:
     }
 
 
+def train_row(method: str, result: Run, run_dir: Path) -> tuple[str, bool]:
+    """One table row for ``distillm train`` of ``method`` and whether it passed."""
+    if result.returncode != 0:
+        return f"| train {method} | {result.status} | | | | | | | | |", False
+    try:
+        f = train_figures(run_dir)
+    except (OSError, ValueError, KeyError) as error:  # ran, but left no readable metrics
+        return f"| train {method} | ran, no figures: {type(error).__name__}: {error} | | | | | | | | |", False
+    dev = " -> ".join(f"{x:.3f}" for x in f["dev"])
+    sources = ", ".join(f"{k} {v}" for k, v in f["sources"].items())
+    row = (
+        f"| train {method} | {'ok' if f['finite'] else '**non-finite loss**'} | {f['steps']} | "
+        f"{f['seconds_per_step']:.3f} | {f['tokens_per_s']:,.0f} | {f['finite']} | "
+        f"{f['first_loss']:.3f} -> {f['last_loss']:.3f} | {dev} | {sources} | {f['generation_s']:.1f} |"
+    )
+    return row, f["finite"]
+
+
+def evaluate_row(sampler: str, result: Run, out: Path) -> tuple[str, bool]:
+    """One table row for ``distillm evaluate --sampler`` and whether it passed."""
+    status, passed = result.status, result.returncode == 0
+    if passed:
+        try:
+            summary = json.loads((out / "summary.json").read_text())
+            stats = next(iter(next(iter(summary["models"].values()))["datasets"].values()))
+            status = f"ok, ROUGE-L {stats['rougeL']['mean']:.2f} (random weights: near 0 expected)"
+        except (OSError, ValueError, KeyError, StopIteration) as error:
+            status, passed = f"ran, no summary: {type(error).__name__}: {error}", False
+    name = f"evaluate --sampler {sampler} (16 prompts, whole command {result.seconds:.1f} s)"
+    return f"| {name} | {status} | | | | | | | | |", passed
+
+
 def cli_section(work: Path, tiny: bool, budget: float) -> str:
     import torch
 
@@ -292,58 +324,32 @@ def cli_section(work: Path, tiny: bool, budget: float) -> str:
     failures = []
     evaluated = None
     for method in cli_methods():
-        command = [
-            sys.executable,
-            "-m",
-            "distillm",
-            "train",
-            "--config",
-            str(PRESETS / f"{method}-medium.yaml"),
-        ]
+        preset = str(PRESETS / f"{method}-medium.yaml")
+        command = [sys.executable, "-m", "distillm", "train", "--config", preset]
         command += train_overrides(method, paths, work, shape)
         result = run(command, deadline - time.perf_counter() - 15, work / f"train-{method}.log")
         run_dir = work / "runs" / method
-        if result.returncode == 0:
-            f = train_figures(run_dir)
-            dev = " -> ".join(f"{x:.3f}" for x in f["dev"])
-            sources = ", ".join(f"{k} {v}" for k, v in f["sources"].items())
-            lines.append(
-                f"| train {method} | {'ok' if f['finite'] else '**non-finite loss**'} | {f['steps']} | "
-                f"{f['seconds_per_step']:.3f} | {f['tokens_per_s']:,.0f} | {f['finite']} | "
-                f"{f['first_loss']:.3f} -> {f['last_loss']:.3f} | {dev} | {sources} | {f['generation_s']:.1f} |"
-            )
-            if not f["finite"]:
-                failures.append((f"train {method}", result))
-        else:
-            lines.append(f"| train {method} | {result.status} | | | | | | | | |")
+        row, passed = train_row(method, result, run_dir)
+        lines.append(row)
+        if not passed:
             failures.append((f"train {method}", result))
-        if method == "distillm" and result.returncode == 0:
+        if method == "distillm" and passed:
             evaluated = run_dir / "last"
         else:  # a 355M student's checkpoints are gigabytes: keep the disk for the next method
             shutil.rmtree(run_dir, ignore_errors=True)
-    if evaluated is not None:
-        for sampler in ("distillm", "generate"):
-            out = work / f"eval-{sampler}"
-            command = [
-                sys.executable, "-m", "distillm", "evaluate", "--model", str(evaluated), "--data",
-                str(paths["test"]), "--out", str(out), "--seeds", "10", "--limit", "16",
-                "--max-new-tokens", str(shape["new_tokens"] or 64), "--dtype", "bf16", "--device", device,
-                "--sampler", sampler,
-            ]  # fmt: skip
-            result = run(command, deadline - time.perf_counter() - 5, work / f"evaluate-{sampler}.log")
-            status = result.status
-            if result.returncode == 0:
-                summary = json.loads((out / "summary.json").read_text())
-                stats = next(iter(next(iter(summary["models"].values()))["datasets"].values()))
-                status = f"ok, ROUGE-L {stats['rougeL']['mean']:.2f} (random weights: near 0 expected)"
-            else:
-                failures.append((f"evaluate --sampler {sampler}", result))
-            lines.append(
-                f"| evaluate --sampler {sampler} (16 prompts, whole command {result.seconds:.1f} s) | {status} "
-                "| | | | | | | | |"
-            )
-    else:
+    if evaluated is None:
         lines.append("| evaluate | not run: the DistiLLM run failed | | | | | | | | |")
+    for sampler in ("distillm", "generate") if evaluated is not None else ():
+        out = work / f"eval-{sampler}"
+        command = [sys.executable, "-m", "distillm", "evaluate", "--model", str(evaluated)]
+        command += ["--data", str(paths["test"]), "--out", str(out), "--seeds", "10", "--limit", "16"]
+        command += ["--max-new-tokens", str(shape["new_tokens"] or 64), "--dtype", "bf16"]
+        command += ["--device", device, "--sampler", sampler]
+        result = run(command, deadline - time.perf_counter() - 5, work / f"evaluate-{sampler}.log")
+        row, passed = evaluate_row(sampler, result, out)
+        lines.append(row)
+        if not passed:
+            failures.append((f"evaluate --sampler {sampler}", result))
     for name, result in failures:
         lines += ["", f"{name}: {result.status}", "```", tail(result.output), "```"]
     return "\n".join(lines)

@@ -169,3 +169,15 @@ def test_every_method_preset_accepts_the_checks_overrides(gpu_check, tmp_path, s
         if method == "distillm":  # phi starts at 0.5: the few steps also sample and replay
             assert config.sources.kind == "adaptive" and config.sources.init_threshold == 0.5
             assert config.objective.lm_coef > 0 and config.data.pretrain == str(paths["pretrain"])
+
+
+def test_a_train_run_that_left_no_metrics_is_a_failed_row_not_a_crash(gpu_check, tmp_path):
+    ran = gpu_check.Run(["distillm"], 0, 1.0, "")
+    row, passed = gpu_check.train_row("kd", ran, tmp_path / "missing")
+    assert not passed and "ran, no figures: FileNotFoundError" in row
+    killed = gpu_check.Run(["distillm"], None, 40.0, "")
+    row, passed = gpu_check.train_row("kd", killed, tmp_path / "missing")
+    assert not passed and "| train kd | timed out after 40 s |" in row
+    write_metrics(tmp_path / "run", [7.0, 6.9], seconds=[1.0, 0.5])
+    row, passed = gpu_check.train_row("kd", ran, tmp_path / "run")
+    assert passed and row.startswith("| train kd | ok | 2 | 0.500 |")
