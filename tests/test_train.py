@@ -382,3 +382,15 @@ def test_size_groups_cut_in_order_once_a_group_reaches_the_limit():
     assert size_groups([7, 1], size=lambda x: x, limit=6) == [[7], [1]]  # one item may exceed it alone
     assert size_groups([], size=lambda x: x, limit=6) == []
     assert size_groups(["ab", "c"], size=len, limit=100) == [["ab", "c"]]
+
+
+def test_phase_timings_wait_for_cuda_and_leave_the_cpu_alone(monkeypatch):
+    """CUDA kernels run asynchronously: the loop's teacher_s/student_s are only true after a sync there."""
+    from distillm.train import synchronize
+
+    waited: list[torch.device] = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waited.append(device))
+    synchronize(torch.device("cpu"))
+    assert waited == []
+    synchronize(torch.device("cuda", 0))
+    assert waited == [torch.device("cuda", 0)]

@@ -248,6 +248,12 @@ class GenerationConfig:
         "generation call of 16+ new tokens: faster decoding steps, for a second copy of those weights "
         "while it runs (docs/generation.md).",
     )
+    sampler: Literal["auto", "distillm", "generate"] = _field(
+        "auto",
+        "Decoding loop: distillm's own sampler (distillm.generation), Hugging Face's model.generate, or auto: "
+        "the one measured faster on the model's device type (distillm on CPU; on CUDA distillm until "
+        "benchmarks/gpu_check.sh measures otherwise, see docs/generation.md).",
+    )
 
     def validate(self, prefix: str) -> None:
         _check(self.max_new_tokens >= 1, f"{prefix}.max_new_tokens", self.max_new_tokens, "must be >= 1")
