@@ -14,7 +14,7 @@ STAMP := $(VENV)/.installed
 # The extras of the last install: rewritten only when EXTRAS changes, so that a change reinstalls.
 EXTRAS_STAMP := $(VENV)/.extras
 
-.PHONY: install demo test test-all lint format clean gpu-wheels FORCE
+.PHONY: install demo test test-portable test-all lint format clean gpu-wheels FORCE
 
 install: $(STAMP)
 
@@ -36,6 +36,18 @@ demo: install
 # HF_HUB_OFFLINE: the tests never touch the network; every model and tokenizer is built locally.
 test: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(PY) -m pytest -q
+
+# The suite once per other kernel set on this machine: CI runs on whichever x86-64 CPU it is given (AMD EPYC,
+# Intel Xeon with AVX-512), and torch / MKL pick other vectorised kernels there, with other float rounding.
+# Selecting them here is a cheap stand-in for "another CPU" (tests/numerics.py has the tolerance policy).
+# Not run by CI (three full runs); run it before landing a change that compares floats.
+PORTABLE_KERNELS ?= ATEN_CPU_CAPABILITY=avx2 ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=AVX2
+test-portable: install
+	@for kernels in $(PORTABLE_KERNELS); do \
+		echo "== make test-portable: $$kernels"; \
+		env $$kernels HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
+			$(PY) -m pytest -q $(PYTEST_ARGS) || { echo "test-portable: failed with $$kernels" >&2; exit 1; }; \
+	done
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks
