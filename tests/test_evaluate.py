@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import statistics
 
@@ -23,6 +24,7 @@ from distillm.evaluate import (
     unique_names,
 )
 from distillm.metrics import rouge_l
+from numerics import assert_as_accurate_as
 
 FAST = GenerationConfig(max_new_tokens=8, no_repeat_ngram_size=6, batch_size=4)
 
@@ -207,7 +209,9 @@ def test_a_lora_adapter_folder_loads_merged_onto_its_base_model(tiny_student_dir
     ids = torch.tensor([tokenizer.encode("reverse the list: one two three")])  # [1, T]
     with torch.no_grad():
         expected = adapted(input_ids=ids).logits
-        torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
+        # Merged weights W + BA against W x + B(A x): two float32 orders, both measured against float64.
+        exact = copy.deepcopy(adapted).double()(input_ids=ids).logits
+        assert_as_accurate_as(model(input_ids=ids).logits, expected, exact)
         assert not torch.allclose(plain(input_ids=ids).logits, expected, atol=1e-3)
 
     code = main(
