@@ -426,3 +426,61 @@ def test_a_full_disk_gives_the_clear_error_and_a_rerun_with_room_resumes_identic
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_tmpfs)], check=True)
     assert run_here(run_args(out)) == 0
     assert_same_run(reference, out)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Two processes.
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def worker_pid(launcher: subprocess.Popen, rank: int) -> int | None:
+    """The pid of ``launcher``'s worker of ``rank`` (its child whose environment says RANK=rank)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == launcher.pid and f"RANK={rank}".encode() in environ:
+            return int(proc.name)
+    return None
+
+
+def torchrun(argv: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        [*TORCHRUN, "-m", "distillm", *argv],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_sigterm_on_one_of_two_processes_stops_both_at_the_same_step_and_they_resume_identically(
+    run_args, tmp_path
+):
+    two = {"train.batch_size": 2}
+    reference = tmp_path / "reference"
+    launched = torchrun(run_args(reference, **two))
+    _, stderr = launched.communicate(timeout=300)
+    assert launched.returncode == 0, stderr[-3000:]
+
+    out = tmp_path / "run"
+    launched = torchrun(run_args(out, **two))
+    wait_for(lambda: logged_steps(out) >= 5, launched)
+    os.kill(worker_pid(launched, rank=1), signal.SIGTERM)  # not the rank that writes checkpoints and metrics
+    _, stderr = launched.communicate(timeout=300)
+    assert launched.returncode != 0, "torchrun reports its workers' exit code 75 as a failure"
+    stopped_at = checkpoint_steps(out)[-1]
+    assert 5 <= stopped_at < STEPS and stopped_at % 4 != 0 and not (out / "last").exists()
+    (line,) = [line for line in stderr.splitlines() if "resume with: " in line]  # from rank 0 only
+    assert f"stopped by a signal on another process after optimizer step {stopped_at}" in line
+    command = shlex.split(line.split("resume with: ", 1)[1])
+    assert command[: len(TORCHRUN)] == TORCHRUN and "--resume" in command, "the launcher's own command"
+
+    resumed = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(reference, out)

@@ -7,7 +7,8 @@ Everything distillm writes goes through three helpers:
   folder into place; on any error (a full disk, Ctrl-C) it removes the staging folder and leaves ``final``
   as it was. ``publish_folder`` is the same last step for a staging folder that several processes filled
   (DeepSpeed's partitioned checkpoints).
-- ``atomic_write_text(path, text)``: one file, written beside itself and renamed into place.
+- ``atomic_write_text(path, text)`` / ``atomic_write_bytes``: one file, written beside itself and renamed
+  into place.
 - ``verify_folder(folder)``: checks a folder against its manifest and returns what is wrong, file by file.
 
 A folder is trusted only when its manifest matches (sizes and hashes, read in pieces of ``PIECE`` bytes);
@@ -288,15 +289,15 @@ def atomic_folder(final: str | Path, replace: bool = True, needed: int | None = 
         raise
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` (UTF-8) through a temporary file renamed into place."""
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file beside it, flushed and renamed into place."""
     path = Path(path)
-    with storage_errors(path.parent, len(text.encode())):
+    with storage_errors(path.parent, len(data)):
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f".tmp-{path.name}")
         try:
-            with open(temporary, "w", encoding="utf-8") as handle:
-                handle.write(text)
+            with open(temporary, "wb") as handle:
+                handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(temporary, path)
@@ -304,3 +305,8 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
             temporary.unlink(missing_ok=True)
             raise
     return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` (UTF-8) atomically (``atomic_write_bytes``)."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
