@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ from distillm.checkpoint import (
     DEEPSPEED_STATE,
     capture_rng_state,
     checkpoint_name,
+    checkpoint_step,
     list_checkpoints,
     load_model_weights,
     load_trainer_state,
@@ -911,20 +913,6 @@ def _save(config, accelerator, objective, tokenizer, optimizer, scheduler, sourc
     # Each process has its own replay buffer, sampling stream and RNG: all of them go into the checkpoint.
     per_process = _gather_to_main(accelerator, {"sources": sources.state_dict(), "rng": capture_rng_state()})
     deepspeed = accelerator.state.deepspeed_plugin is not None
-    if deepspeed:
-        # Each process writes its partition of the optimizer state into the folder being assembled; rank 0
-        # then adds the rest and renames the whole folder into place.
-        _together(
-            accelerator,
-            (lambda: stage_checkpoint(out, state.step)) if accelerator.is_main_process else None,
-            "a checkpoint",
-        )
-        engine_folder = staging_folder(out, state.step) / DEEPSPEED_STATE
-        _together(
-            accelerator,
-            lambda: objective.save_checkpoint(str(engine_folder), tag=_ENGINE_TAG, save_latest=False),
-            "a checkpoint",
-        )
 
     def write_checkpoint() -> None:
         trainer_state = {
@@ -945,12 +933,27 @@ def _save(config, accelerator, objective, tokenizer, optimizer, scheduler, sourc
             staged=deepspeed,
         )
 
+    main = accelerator.is_main_process
     try:
-        _together(accelerator, write_checkpoint if accelerator.is_main_process else None, "a checkpoint")
+        if deepspeed:
+            # Each process writes its partition of the optimizer state into the folder being assembled; rank 0
+            # then adds the rest and renames the whole folder into place.
+            _together(
+                accelerator, (lambda: stage_checkpoint(out, state.step)) if main else None, "a checkpoint"
+            )
+            engine_folder = staging_folder(out, state.step) / DEEPSPEED_STATE
+            _together(
+                accelerator,
+                lambda: objective.save_checkpoint(str(engine_folder), tag=_ENGINE_TAG, save_latest=False),
+                "a checkpoint",
+            )
+        _together(accelerator, write_checkpoint if main else None, "a checkpoint")
     except StorageError as error:
-        previous = [p for p in list_checkpoints(out) if p.name < checkpoint_name(state.step)]
+        if main:
+            shutil.rmtree(staging_folder(out, state.step), ignore_errors=True)
+        previous = [p for p in list_checkpoints(out) if checkpoint_step(p) < state.step]
         kept = (
-            f"the previous checkpoint {previous[-1]} is untouched (steps {int(previous[-1].name[5:]) + 1}-"
+            f"the previous checkpoint {previous[-1]} is untouched (steps {checkpoint_step(previous[-1]) + 1}-"
             f"{state.step} will be redone)"
             if previous
             else f"there is no earlier checkpoint (the rerun starts over, {state.step} steps)"
