@@ -776,7 +776,10 @@ def _train(config: Config, stop: GracefulStop) -> TrainResult:
             out / "summary.json", json.dumps(summary, indent=2)
         )  # written last: the run is done
 
-    _together(accelerator, write_last if accelerator.is_main_process else None, "the final model")
+    try:
+        _together(accelerator, write_last if accelerator.is_main_process else None, "the final model")
+    except StorageError as error:
+        raise _stopped_writing(f"{out / 'last'}", error, state.step, out) from error
     accelerator.end_training()
     counts = {k: v for k, v in sources.counts.items() if v}
     return TrainResult(out, state.step, state.best_metric, state.best_step, last_dev_loss, seconds, counts)
@@ -833,7 +836,10 @@ def _keep_best(config, accelerator, objective, tokenizer, state: TrainState, eva
             out / "best", model, tokenizer, state_dict=weights, extra={"step": state.step, **evaluation}
         )
 
-    _together(accelerator, write_best if accelerator.is_main_process else None, "the best model")
+    try:
+        _together(accelerator, write_best if accelerator.is_main_process else None, "the best model")
+    except StorageError as error:
+        raise _stopped_writing(f"{out / 'best'} of step {state.step}", error, state.step, out) from error
 
 
 def _any_process(accelerator):
@@ -951,17 +957,22 @@ def _save(config, accelerator, objective, tokenizer, optimizer, scheduler, sourc
     except StorageError as error:
         if main:
             shutil.rmtree(staging_folder(out, state.step), ignore_errors=True)
-        previous = [p for p in list_checkpoints(out) if checkpoint_step(p) < state.step]
+        raise _stopped_writing(f"the checkpoint of step {state.step}", error, state.step, out) from error
+
+
+def _stopped_writing(what: str, error: StorageError, step: int, out: Path) -> StorageError:
+    """``error`` with what could not be written, where training stopped and what a rerun redoes."""
+    previous = [p for p in list_checkpoints(out) if checkpoint_step(p) <= step]
+    if previous and checkpoint_step(previous[-1]) == step:
+        kept = f"the checkpoint {previous[-1]} of this step is intact (nothing will be redone)"
+    elif previous:
         kept = (
             f"the previous checkpoint {previous[-1]} is untouched (steps {checkpoint_step(previous[-1]) + 1}-"
-            f"{state.step} will be redone)"
-            if previous
-            else f"there is no earlier checkpoint (the rerun starts over, {state.step} steps)"
+            f"{step} will be redone)"
         )
-        raise StorageError(
-            f"could not write the checkpoint of step {state.step}: {error}; training stopped at step "
-            f"{state.step}, {kept}"
-        ) from error
+    else:
+        kept = f"there is no earlier checkpoint (the rerun starts over, {step} steps)"
+    return StorageError(f"could not write {what}: {error}; training stopped at step {step}, {kept}")
 
 
 _ENGINE_TAG = "engine"
