@@ -14,7 +14,7 @@ STAMP := $(VENV)/.installed
 # The extras of the last install: rewritten only when EXTRAS changes, so that a change reinstalls.
 EXTRAS_STAMP := $(VENV)/.extras
 
-.PHONY: install demo test test-all lint format clean FORCE
+.PHONY: install demo test test-all lint format clean gpu-wheels FORCE
 
 install: $(STAMP)
 
@@ -44,6 +44,11 @@ lint: install
 format: install
 	$(VENV)/bin/ruff check --fix src tests benchmarks
 	$(VENV)/bin/ruff format src tests benchmarks
+
+# Wheels of the packages benchmarks/gpu_check.sh needs on the lent GPU machine and its image lacks, for its
+# Python 3.12, into .whl/ (ignored by git; carried to the device with the working tree, 64 MiB in all).
+gpu-wheels:
+	PY=$(PYTHON) bash benchmarks/gpu_wheels.sh
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

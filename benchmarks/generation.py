@@ -16,19 +16,26 @@ call, so the packing's cost is counted; `--no-pack-weights` measures it without.
 
     python benchmarks/generation.py                      # tiny GPT-2 student and SmolLM2-shaped 4-layer Llama
     python benchmarks/generation.py --models tiny --new-tokens 64 --repeats 3
+    python benchmarks/generation.py --device cuda --dtype bf16 --models gpt2 gpt2-medium --batch 32 --new-tokens 256
+
+On another device than the CPU (or with `--recommend`) the last line says which loop `generation.sampler=auto` should run there
+(`distillm.generation.AUTO_SAMPLER`): ours where its tokens/s beat `generate`'s in the geometric mean of the
+rows, else `generate`. Timings wait for the device (CUDA runs asynchronously) and our sampler's generator
+lives on the model's device, as in `distillm evaluate`.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import math
 import statistics
 import time
 
 import torch
 
 from distillm.config import GenerationConfig
-from distillm.generation import sample
+from distillm.generation import AUTO_SAMPLER, sample
 from distillm.models import build_small_model, fuse_tanh_gelu
 
 # name -> (family, vocab, build_small_model keyword arguments)
@@ -48,6 +55,9 @@ MODELS = {
             tie_word_embeddings=True,
         ),
     ),
+    # The paper's GPT-2 students, random weights (for GPUs: on 2 CPU cores these take minutes).
+    "gpt2": ("gpt2", 50257, dict(layers=12, hidden=768, heads=12)),
+    "gpt2-medium": ("gpt2", 50257, dict(layers=24, hidden=1024, heads=16)),
 }
 
 
@@ -70,18 +80,20 @@ def left_padded_prompts(
 SETTINGS = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
 
 
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def time_ours(model, ids, mask, new_tokens: int, vocab: int, seed: int, pack_weights: bool = True) -> float:
-    config = GenerationConfig(max_new_tokens=new_tokens, pack_weights=pack_weights, **SETTINGS)
-    start = time.perf_counter()
-    out = sample(
-        model,
-        ids,
-        mask,
-        config,
-        eos_token_id=vocab,
-        pad_token_id=0,
-        generator=torch.Generator().manual_seed(seed),
+    config = GenerationConfig(
+        max_new_tokens=new_tokens, pack_weights=pack_weights, sampler="distillm", **SETTINGS
     )
+    generator = torch.Generator(device=ids.device).manual_seed(seed)
+    synchronize(ids.device)
+    start = time.perf_counter()
+    out = sample(model, ids, mask, config, eos_token_id=vocab, pad_token_id=0, generator=generator)
+    synchronize(ids.device)
     elapsed = time.perf_counter() - start
     assert out.shape == (ids.shape[0], new_tokens), out.shape
     return elapsed
@@ -89,6 +101,7 @@ def time_ours(model, ids, mask, new_tokens: int, vocab: int, seed: int, pack_wei
 
 def time_generate(model, ids, mask, new_tokens: int, vocab: int, seed: int) -> float:
     torch.manual_seed(seed)
+    synchronize(ids.device)
     start = time.perf_counter()
     out = model.generate(
         input_ids=ids,
@@ -98,12 +111,13 @@ def time_generate(model, ids, mask, new_tokens: int, vocab: int, seed: int) -> f
         eos_token_id=vocab,
         pad_token_id=0,
     )
+    synchronize(ids.device)
     elapsed = time.perf_counter() - start
     assert out.shape == (ids.shape[0], ids.shape[1] + new_tokens), out.shape
     return elapsed
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -114,18 +128,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed runs of each; the median is reported")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 keeps torch's default")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="the models' weights")
+    parser.add_argument(
+        "--recommend", action="store_true", help="print the sampler recommendation on a CPU too"
+    )
     parser.add_argument(
         "--no-pack-weights",
         dest="pack_weights",
         action="store_false",
         help="sample without packing the weights for oneDNN (GenerationConfig.pack_weights=false)",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else args.device
     print(
-        f"device {args.device}, torch threads {torch.get_num_threads()}, batch {args.batch}, "
+        f"device {device_name}, {args.dtype}, torch threads {torch.get_num_threads()}, batch {args.batch}, "
         f"prompt length {args.prompt_length} (left-padded, mixed lengths), median of {args.repeats} runs, "
         f"ours with pack_weights={args.pack_weights}"
     )
@@ -134,12 +159,14 @@ def main(argv: list[str] | None = None) -> int:
         "| model | new tokens | ours tokens/s | ours, as loaded | generate tokens/s | ratio | ratio, as loaded |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|")
+    ratios: list[float] = []
     for name in args.models:
         family, vocab, sizes = MODELS[name]
-        model = build_small_model(family, vocab, **sizes).to(args.device).eval()
+        with torch.device(device):  # built where it runs: no CPU initialisation of large models
+            model = build_small_model(family, vocab, **sizes).to(dtype).eval()
         loaded = copy.deepcopy(model)
         swapped = fuse_tanh_gelu(loaded) > 0
-        ids, mask = (t.to(args.device) for t in left_padded_prompts(args.batch, args.prompt_length, vocab))
+        ids, mask = (t.to(device) for t in left_padded_prompts(args.batch, args.prompt_length, vocab))
         for new_tokens in args.new_tokens:
             # Warm-up (allocator, first-call dispatch); 16 tokens, the fewest that pack the weights.
             time_ours(model, ids, mask, 16, vocab, 0, args.pack_weights)
@@ -161,7 +188,28 @@ def main(argv: list[str] | None = None) -> int:
                 f"{ours_rate / theirs_rate:.2f}x | {loaded_rate / theirs_rate:.2f}x |",
                 flush=True,
             )
+            ratios.append(loaded_rate / theirs_rate)
+    if device.type != "cpu" or args.recommend:
+        print()
+        print(recommendation(device.type, ratios))
     return 0
+
+
+def recommendation(device_type: str, ratios: list[float]) -> str:
+    """Which loop `generation.sampler=auto` should run on ``device_type``, from ours/generate tokens/s ratios."""
+    mean = math.exp(statistics.fmean(math.log(r) for r in ratios))
+    choice = "distillm" if mean >= 1.0 else "generate"
+    current = AUTO_SAMPLER.get(device_type, "distillm")
+    verdict = (
+        "keep it"
+        if choice == current
+        else f"change AUTO_SAMPLER[{device_type!r}] to {choice!r} in src/distillm/generation.py"
+    )
+    return (
+        f"Recommendation for {device_type}: ours/generate tokens/s geometric mean {mean:.2f}x over "
+        f"{len(ratios)} rows (as loaded), so generation.sampler=auto should run {choice!r} there; "
+        f"AUTO_SAMPLER says {current!r}: {verdict}."
+    )
 
 
 if __name__ == "__main__":

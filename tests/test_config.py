@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -154,3 +155,15 @@ def test_train_help_comes_from_the_field_docs(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "sources.replay_ratio" in out and "share of phi spent on fresh generation" in out
+
+
+def test_the_removed_num_workers_key_is_gone_from_the_schema_and_ignored_with_a_warning(tmp_path, caplog):
+    from distillm.config import DataConfig
+
+    assert "num_workers" not in {f.name for f in dataclasses.fields(DataConfig)}  # nothing reads it
+    preset = tmp_path / "old.yaml"
+    preset.write_text("data:\n  num_workers: 4\n  max_length: 64\n  max_prompt_length: 32\n")
+    with caplog.at_level("WARNING", logger="distillm.config"):
+        config = load_config(preset, ["data.num_workers=2"])
+    assert config.data.max_length == 64
+    assert caplog.text.count("'data.num_workers' is ignored") == 2

@@ -39,21 +39,33 @@ def test_an_overlong_prompt_keeps_its_end_so_the_response_marker_survives(tiny_t
     assert tiny_tokenizer.decode(response_ids[:-1]) == RESPONSE  # the response is untouched
 
 
-def test_an_overlong_response_is_cut_to_the_total_budget_and_still_ends_with_eos(tiny_tokenizer):
+def test_an_overlong_response_is_cut_to_the_total_budget_and_gets_no_invented_eos(tiny_tokenizer):
+    # The same rule as student samples cut at max_new_tokens (generation.samples_to_batch): the text goes on.
     response = " ".join(["apple banana cherry"] * 20)
     prompt_ids, untruncated = encode_example(PROMPT, response, tiny_tokenizer, 4096, 256)
     max_length = len(prompt_ids) + 7
     prompt_cut, response_ids = encode_example(PROMPT, response, tiny_tokenizer, max_length, len(prompt_ids))
     assert prompt_cut == prompt_ids
     assert len(prompt_cut) + len(response_ids) == max_length
-    assert response_ids[:-1] == untruncated[:6] and response_ids[-1] == tiny_tokenizer.eos_token_id
+    assert response_ids == untruncated[:7] and tiny_tokenizer.eos_token_id not in response_ids
 
 
-def test_when_the_prompt_fills_the_budget_the_response_is_eos_alone(tiny_tokenizer):
+def test_a_response_that_fits_exactly_keeps_its_eos(tiny_tokenizer):
+    prompt_ids, untruncated = encode_example(PROMPT, RESPONSE, tiny_tokenizer, 4096, 256)
+    max_length = len(prompt_ids) + len(untruncated)
+    assert encode_example(PROMPT, RESPONSE, tiny_tokenizer, max_length, len(prompt_ids)) == (
+        prompt_ids,
+        untruncated,
+    )
+    assert untruncated[-1] == tiny_tokenizer.eos_token_id
+
+
+def test_when_the_prompt_fills_the_budget_the_response_is_its_first_token_alone(tiny_tokenizer):
+    _, untruncated = encode_example(PROMPT, RESPONSE, tiny_tokenizer, 4096, 256)
     prompt_ids, response_ids = encode_example(
         PROMPT, RESPONSE, tiny_tokenizer, max_length=9, max_prompt_length=8
     )
-    assert len(prompt_ids) == 8 and response_ids == [tiny_tokenizer.eos_token_id]
+    assert len(prompt_ids) == 8 and response_ids == untruncated[:1] != [tiny_tokenizer.eos_token_id]
 
 
 def test_a_prompt_limit_not_below_the_total_limit_is_an_error(tiny_tokenizer):

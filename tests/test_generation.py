@@ -444,3 +444,94 @@ def test_sampling_is_exact_across_vocabulary_blocks_and_never_picks_impossible_t
     assert counts[support].sum() == rows  # no draw outside the support
     frequencies, expected = counts.double() / rows, logits.double().softmax(-1)
     torch.testing.assert_close(frequencies, expected, atol=0.015, rtol=0)
+
+
+# ---- generation.sampler: our loop or Hugging Face's `generate` -------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_the_generate_sampler_decodes_greedily_like_ours(family, request):
+    model = request.getfixturevalue(family)
+    prompts, mask = left_padded_prompts([3, 11, 6, 1], seed=1)
+    ours, theirs = (
+        sample(
+            model, prompts, mask, GenerationConfig(max_new_tokens=20, do_sample=False, sampler=s), EOS, PAD
+        )
+        for s in ("distillm", "generate")
+    )
+    assert torch.equal(theirs, ours)
+
+
+def test_the_generate_sampler_stops_each_row_at_its_eos_and_pads_after_it_like_ours(gpt2):
+    prompts, mask = left_padded_prompts([4, 9, 2], seed=2)
+    greedy = GenerationConfig(max_new_tokens=12, do_sample=False)
+    free = sample(gpt2, prompts, mask, greedy, eos_token_id=-1, pad_token_id=PAD)  # no row can stop
+    eos = int(free[1, 5])  # a token row 1 emits: with it as EOS that row (at least) stops early
+    pad = 7 if eos != 7 else 8
+    ours, theirs = (
+        sample(gpt2, prompts, mask, GenerationConfig(max_new_tokens=12, do_sample=False, sampler=s), eos, pad)
+        for s in ("distillm", "generate")
+    )
+    assert torch.equal(theirs, ours)
+    first_eos = int((ours[1] == eos).nonzero()[0])
+    assert first_eos <= 5 and (ours[1, first_eos + 1 :] == pad).all()
+
+
+def test_the_generate_sampler_is_seeded_by_the_generator_and_leaves_the_global_rng_alone(gpt2):
+    prompts, mask = left_padded_prompts([5, 9, 3, 7])
+    config = GenerationConfig(max_new_tokens=16, sampler="generate")
+    global_state = torch.random.get_rng_state()
+    first = sample(gpt2, prompts, mask, config, EOS, PAD, torch.Generator().manual_seed(7))
+    again = sample(gpt2, prompts, mask, config, EOS, PAD, torch.Generator().manual_seed(7))
+    other = sample(gpt2, prompts, mask, config, EOS, PAD, torch.Generator().manual_seed(8))
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert torch.equal(torch.random.get_rng_state(), global_state)
+
+
+def test_the_generate_sampler_gets_the_sampling_settings(gpt2):
+    """top-k 1 leaves one token, so sampling through `generate` must equal greedy decoding."""
+    prompts, mask = left_padded_prompts([5, 2, 8], seed=3)
+    top1 = GenerationConfig(max_new_tokens=16, top_k=1, temperature=1.7, sampler="generate")
+    greedy = GenerationConfig(max_new_tokens=16, do_sample=False)
+    generator = torch.Generator().manual_seed(0)
+    assert torch.equal(
+        sample(gpt2, prompts, mask, top1, EOS, PAD, generator), sample(gpt2, prompts, mask, greedy, EOS, PAD)
+    )
+
+
+def test_auto_sampler_follows_the_device_type_table():
+    from distillm.generation import AUTO_SAMPLER, resolve_sampler
+
+    assert resolve_sampler("auto", "cpu") == AUTO_SAMPLER["cpu"] == "distillm"  # measured: ours is faster
+    assert resolve_sampler("auto", torch.device("cuda", 0)) == AUTO_SAMPLER["cuda"]
+    assert resolve_sampler("auto", "meta") == "distillm"  # device types not in the table
+    assert resolve_sampler("generate", "cpu") == "generate"
+    assert resolve_sampler("distillm", "cuda") == "distillm"
+    with pytest.raises(ValueError, match="unknown sampler 'hf'"):
+        resolve_sampler("hf", "cpu")
+
+
+def test_auto_sampler_runs_the_loop_the_table_names_for_the_prompts_device(gpt2, monkeypatch):
+    import distillm.generation as generation
+
+    calls: list[str] = []
+    hf_generate = generation._hf_generate
+
+    def spy(*args, **kwargs):
+        calls.append("generate")
+        return hf_generate(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "_hf_generate", spy)
+    prompts, mask = left_padded_prompts([3, 4])
+    sample(gpt2, prompts, mask, GenerationConfig(max_new_tokens=4), EOS, PAD)
+    assert calls == []
+    monkeypatch.setitem(generation.AUTO_SAMPLER, "cpu", "generate")
+    sample(gpt2, prompts, mask, GenerationConfig(max_new_tokens=4), EOS, PAD)
+    assert calls == ["generate"]
+
+
+def test_an_unknown_sampler_is_refused_by_the_config_naming_the_key():
+    from distillm.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="generation.sampler='hf'"):
+        load_config(overrides=["generation.sampler=hf"], validate=False)

@@ -141,3 +141,45 @@ def test_seqkd_preset_trains_on_the_generated_responses(tiny_teacher_dir, tiny_s
     responses = {example.response for example in trained_on.train.examples + trained_on.dev_examples}
     assert responses <= teacher_text and not any(r.startswith("ground truth") for r in responses)
     assert train(config).steps == 2
+
+
+def test_dev_rows_taken_from_a_generated_file_are_scored_against_the_ground_truth(
+    tiny_tokenizer_dir, tmp_path
+):
+    from transformers import AutoTokenizer
+
+    from distillm.train import load_data
+
+    # What `distillm generate` writes: the teacher's text as `output`, the dataset's response as `reference`.
+    rows = [
+        {
+            "instruction": f"Say {i}.",
+            "input": "",
+            "output": f"teacher text {i}",
+            "reference": f"ground truth {i}",
+        }
+        for i in range(12)
+    ]
+    data = tmp_path / "teacher.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = load_config(
+        None,
+        [
+            f"data.train={data}",
+            "data.dev=null",
+            "data.dev_size=4",
+            "train.batch_size=2",
+            "data.format=alpaca",
+        ],
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+    loaded = load_data(config, tokenizer, tmp_path / "cache")
+    # The dev split: ROUGE-L references and the dev loss's targets are the ground truth...
+    assert [e.references for e in loaded.dev_examples] == [(f"ground truth {i}",) for i in range(4)]
+    eos = [tokenizer.eos_token_id]
+    for i in range(4):
+        _, response_ids = loaded.dev[i]
+        assert response_ids == tokenizer.encode(f"ground truth {i}", add_special_tokens=False) + eos
+    # ...while training keeps the teacher's text (SeqKD's definition).
+    _, response_ids = loaded.train[0]
+    assert response_ids == tokenizer.encode("teacher text 4", add_special_tokens=False) + eos

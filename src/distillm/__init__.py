@@ -1,8 +1,8 @@
 """distillm: distil large language models into small ones.
 
 Skew KL and skew reverse KL (DistiLLM, Ko et al., ICML 2024), forward/reverse KL, generalized JSD and TVD,
-adaptive off-policy training with a replay buffer, and the paper's baselines (SFT, KD, SeqKD, ImitKD, GKD,
-MiniLLM), on Hugging Face causal LMs.
+adaptive off-policy training with a replay buffer, and the paper's token-level baselines (SFT, KD, SeqKD,
+ImitKD, GKD), on Hugging Face causal LMs. MiniLLM, the policy-gradient baseline, is not implemented yet.
 """
 
 __version__ = "0.1.0"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import re
 import types
 import typing
@@ -27,6 +28,8 @@ from typing import Any, Literal
 import yaml
 
 from distillm.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 
 class ConfigError(UserError, ValueError):
@@ -133,7 +136,6 @@ class DataConfig:
         None, "Plain-text corpus for the pretraining LM term (one document per line, or a folder of .txt)."
     )
     cache_dir: str | None = _field(None, "Where prepared data is cached; null uses <output_dir>/../.cache.")
-    num_workers: int = _field(0, "DataLoader worker processes.")
 
     def validate(self, prefix: str) -> None:
         _check(self.dev_size >= 0, f"{prefix}.dev_size", self.dev_size, "must be >= 0")
@@ -144,7 +146,6 @@ class DataConfig:
             self.max_prompt_length,
             f"must be >= 1 and < data.max_length ({self.max_length})",
         )
-        _check(self.num_workers >= 0, f"{prefix}.num_workers", self.num_workers, "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -246,6 +247,12 @@ class GenerationConfig:
         "On a CPU, copy the model's large float32 linear weights into oneDNN's packed layout for each "
         "generation call of 16+ new tokens: faster decoding steps, for a second copy of those weights "
         "while it runs (docs/generation.md).",
+    )
+    sampler: Literal["auto", "distillm", "generate"] = _field(
+        "auto",
+        "Decoding loop: distillm's own sampler (distillm.generation), Hugging Face's model.generate, or auto: "
+        "the one measured faster on the model's device type (distillm on CPU; on CUDA distillm until "
+        "benchmarks/gpu_check.sh measures otherwise, see docs/generation.md).",
     )
 
     def validate(self, prefix: str) -> None:
@@ -441,12 +448,28 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+# Keys that earlier versions accepted: a preset or a saved run's config that still has one keeps loading.
+REMOVED_KEYS = {
+    "data.num_workers": "batches are collated in the training process from prepared token arrays; no DataLoader "
+    "workers exist",
+}
+
+
+def _removed(dotted: str) -> bool:
+    if dotted not in REMOVED_KEYS:
+        return False
+    logger.warning("config key %r is ignored (removed: %s); delete it", dotted, REMOVED_KEYS[dotted])
+    return True
+
+
 def _from_mapping(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
     hints = _hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
+        if _removed(dotted):
+            continue
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(names)}"
@@ -469,6 +492,8 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 
 def _set_dotted(tree: dict[str, Any], key: str, value: Any, schema: type) -> None:
+    if _removed(key):
+        return
     parts = key.split(".")
     node, cls = tree, schema
     for depth, part in enumerate(parts):

@@ -259,6 +259,7 @@ def load_eval_set(
                 )
             name = path.parent.name if path.stem in _GENERIC_STEMS and path.parent.name else path.stem
         examples, report = read_examples(str(path), format)
+        examples = [example.for_evaluation() for example in examples]
         for line in report.lines():
             logger.info(line)
         source = str(path)
@@ -430,6 +431,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_false",
         help="On CPU, decode without a packed copy of the weights (slower, one copy of them less in memory).",
     )
+    generation.add_argument(
+        "--sampler",
+        choices=("auto", "distillm", "generate"),
+        default="auto",
+        help="Decoding loop: distillm's, Hugging Face's model.generate, or auto (the faster one on the "
+        "device type; generation.sampler).",
+    )
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="Model weights' precision.")
     parser.add_argument(
         "--device", choices=("cpu", "cuda"), default=None, help="Default: cuda when available."
@@ -449,6 +457,7 @@ def _generation_config(args: argparse.Namespace) -> GenerationConfig:
         do_sample=not args.greedy,
         batch_size=args.batch_size,
         pack_weights=args.pack_weights,
+        sampler=args.sampler,
     )
     config.validate("generation")
     return config

@@ -3,6 +3,8 @@
 :func:`sample` is a lean decoding loop: it keeps the model's KV cache, computes the language-model head for
 the last position only, and draws tokens by inverse-CDF sampling from one uniform number per row. On 2 CPU
 cores it runs about twice as fast as ``model.generate`` with the same settings (``benchmarks/generation.py``).
+``generation.sampler`` picks the loop: ours, ``model.generate``, or ``auto`` (:func:`resolve_sampler`: the one
+measured faster on the device type).
 :func:`samples_to_batch` builds a batch of the project's batch contract (``docs/design.md``) from the prompts
 and the sampled responses; see ``docs/generation.md`` for the label convention.
 """
@@ -32,6 +34,20 @@ _TRANSPOSED_HEAD_MIN_SIZE = 1 << 22
 # and saves about 30% of each step: worth it from about 13-20 steps on (benchmarks/packed_linear.py).
 _MIN_STEPS_TO_PACK = 16
 _TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
+# What `generation.sampler=auto` runs on each device type. CPU: ours, 2.5-3.3x faster than `generate`
+# (benchmarks/generation.py, docs/generation.md). CUDA: not measured yet; ours until the first GPU run of
+# benchmarks/gpu_check.sh (section "sampling") says otherwise: it prints which entry to write here. Device
+# types not listed run ours as well.
+AUTO_SAMPLER: dict[str, str] = {"cpu": "distillm", "cuda": "distillm"}
+
+
+def resolve_sampler(sampler: str, device: torch.device | str) -> str:
+    """The decoding loop ``sampler`` (``generation.sampler``) means on ``device``: "distillm" or "generate"."""
+    if sampler == "auto":
+        return AUTO_SAMPLER.get(torch.device(device).type, "distillm")
+    if sampler not in ("distillm", "generate"):
+        raise ValueError(f"unknown sampler {sampler!r}; choose auto, distillm or generate")
+    return sampler
 
 
 def sample(
@@ -51,12 +67,14 @@ def sample(
     ``generator`` (on the model's device, or on the CPU), so a generator seeded the same way gives the same
     samples. The model runs in eval mode without gradients and is put back in its previous mode afterwards.
     Works on Hugging Face causal LMs, on peft-wrapped ones and on DDP/DeepSpeed-style ``.module`` wrappers.
+    ``config.sampler`` picks our decoding loop or ``model.generate`` (same contract; :func:`resolve_sampler`).
     """
+    decode = _decode if resolve_sampler(config.sampler, prompt_ids.device) == "distillm" else _hf_generate
     was_training = model.training
     model.eval()  # no dropout while sampling, as in the original
     try:
         with torch.inference_mode():
-            response = _decode(
+            response = decode(
                 model, prompt_ids, prompt_attention_mask, config, eos_token_id, pad_token_id, generator
             )
     finally:
@@ -126,6 +144,47 @@ def _decode(
         logits, cache = last_logits(token[:, None], mask, next_position, cache)
         next_position = next_position + 1
     return response[:, :steps]
+
+
+def _hf_generate(
+    model: nn.Module,
+    prompt_ids: Tensor,
+    prompt_attention_mask: Tensor,
+    config: GenerationConfig,
+    eos_token_id: int,
+    pad_token_id: int,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """:func:`sample` through Hugging Face's ``model.generate`` (already under inference mode). Returns ``[B, N]``.
+
+    ``generate`` draws from the global RNG, so its seed is drawn from ``generator`` and the global RNG of the
+    CPU and of the prompts' device is put back afterwards: the same generator state gives the same samples,
+    and nothing else's random stream moves. ``generate`` keeps each row's EOS, pads after it with
+    ``pad_token_id`` and stops when every row has finished, as our loop does.
+    """
+    hf_model = _unwrap(model)
+    device = prompt_ids.device
+    seed_device = generator.device if generator is not None else torch.device("cpu")
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=seed_device))
+    if config.do_sample:
+        settings = dict(
+            do_sample=True, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p
+        )
+    else:
+        settings = dict(do_sample=False, temperature=None, top_k=None, top_p=None)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        output = hf_model.generate(
+            input_ids=prompt_ids,
+            attention_mask=prompt_attention_mask.to(device),
+            max_new_tokens=config.max_new_tokens,
+            no_repeat_ngram_size=config.no_repeat_ngram_size or None,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            use_cache=True,
+            **settings,
+        )
+    return output[:, prompt_ids.shape[1] :]  # [B, N]
 
 
 def _next_token(logits: Tensor, config: GenerationConfig, generator: torch.Generator | None) -> Tensor:

@@ -346,6 +346,14 @@ def _student_state_dict(accelerator, objective) -> dict[str, torch.Tensor] | Non
     return {k.removeprefix("student."): v for k, v in state.items()} if state is not None else None
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device``: CUDA runs kernels asynchronously, so a phase's wall time
+    (``teacher_s``, ``student_s`` in metrics.jsonl) is only its own once the device has finished it.
+    A no-op on the CPU, whose operations return when done."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -397,6 +405,9 @@ def load_data(config: Config, tokenizer, cache_dir: Path) -> TrainingData:
         dev_rows, _ = read_examples(d.dev, d.format)
     else:
         train_rows, dev_rows = split_dev(examples, d.dev_size, d.dev_split, config.seed)
+    dev_rows = [
+        example.for_evaluation() for example in dev_rows
+    ]  # SeqKD rows: the ground truth, not the teacher's
     if len(train_rows) < config.train.batch_size:
         raise UserError(
             f"{d.train}: {len(train_rows)} training rows is fewer than train.batch_size={config.train.batch_size}"
@@ -678,11 +689,13 @@ def _train(config: Config, stop: GracefulStop) -> TrainResult:
                 if teacher is not None and config.objective.kd_ratio > 0
                 else None
             )
+            synchronize(accelerator.device)
             t1 = time.perf_counter()
             step_seconds["teacher"] += t1 - t0
             with micro_batch(accelerator, objective, last=k == len(micro_batches) - 1):
                 loss = objective(batch, num_tokens, teacher_out, pretrain_batch, pretrain_tokens)
                 accelerator.backward(loss.total * scale)
+            synchronize(accelerator.device)
             step_seconds["student"] += time.perf_counter() - t1
             logged += torch.stack([loss.total.detach(), loss.ce, loss.divergence, loss.lm]).float()
 
@@ -702,6 +715,7 @@ def _train(config: Config, stop: GracefulStop) -> TrainResult:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        synchronize(accelerator.device)
         step_seconds["student"] += time.perf_counter() - t0
         for key, value in step_seconds.items():
             seconds[key] += value

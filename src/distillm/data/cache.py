@@ -36,7 +36,7 @@ from distillm.storage import DamagedError, atomic_folder, remove_folder, require
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1  # bump when the layout or the encoding rules change, so old caches are not reused
+CACHE_VERSION = 2  # bump when the layout or the encoding rules change, so old caches are not reused
 META_FILE = "meta.json"
 
 

@@ -7,6 +7,10 @@ The original's rules (method reference, section 3.3), with two fixes:
 - an overlong prompt keeps its **last** ``max_prompt_length`` tokens, so the template's final
   ``### Response:`` marker (or a chat template's assistant header) survives; the original kept the first
   tokens and cut that marker off.
+
+One rule for every cut response, dataset rows and student samples alike (``generation.samples_to_batch``): a
+response cut at the length budget keeps the tokens that fit and gets **no** EOS, since its text goes on and an
+EOS there would teach the model to stop mid-answer. Only a response that really ended carries an EOS.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ class EncodedExample:
     """Token ids of one example, and whether truncation touched them."""
 
     prompt_ids: list[int]
-    response_ids: list[int]  # ends with EOS
+    response_ids: list[int]  # ends with EOS unless the response was cut
     prompt_truncated: bool
     response_truncated: bool
 
@@ -75,7 +79,7 @@ def encode_example_detailed(
     room = max_length - len(prompt_ids)  # >= 1 because max_prompt_length < max_length
     response_truncated = len(response_ids) > room
     if response_truncated:
-        response_ids = response_ids[: room - 1] + [eos]
+        response_ids = response_ids[:room]  # no invented EOS: the response goes on (module docstring)
     return EncodedExample(prompt_ids, response_ids, prompt_truncated, response_truncated)
 
 
@@ -83,7 +87,7 @@ def encode_example(
     prompt: str, response: str, tokenizer, max_length: int = 512, max_prompt_length: int = 256
 ) -> tuple[list[int], list[int]]:
     """``(prompt_ids, response_ids)``: at most ``max_prompt_length`` prompt tokens (the tail is kept), at most
-    ``max_length`` in all, and the response always ends with EOS (also when it was cut)."""
+    ``max_length`` in all; the response ends with EOS, unless it was cut to fit (then it ends where it was cut)."""
     encoded = encode_example_detailed(prompt, response, tokenizer, max_length, max_prompt_length)
     return encoded.prompt_ids, encoded.response_ids
 
@@ -94,7 +98,8 @@ def collate(items: Sequence[tuple[Sequence[int], Sequence[int]]], pad_token_id: 
     Row b holds ``ids = prompt + response`` of length L. As in the original, the model reads ``ids[:-1]``
     (the final EOS is never an input, it is only predicted) and ``labels[t] = ids[t + 1]`` where that token
     belongs to the response, ``IGNORE_INDEX`` elsewhere: the first supervised position is the prompt's last
-    token (predicting the first response token), the last one predicts EOS.
+    token (predicting the first response token), the last one predicts EOS (or, in a cut response, its last
+    kept token).
 
     Returns ``input_ids``, ``attention_mask``, ``labels`` ``[B, T]`` (right-padded, T = max L - 1) and
     ``prompt_ids``, ``prompt_attention_mask`` ``[B, P]`` (left-padded, P = longest prompt).

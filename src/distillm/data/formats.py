@@ -19,7 +19,7 @@ import logging
 import random
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,9 @@ class Example:
 
     ``references[0]`` is the training response; all references count for ROUGE-L. ``prompt``, when the file
     carries a ready-made prompt, is used as is instead of rendering ``instruction`` and ``input``.
+    ``ground_truth``: the dataset's own responses when the training response is someone else's text (the
+    teacher's, in a file written by ``distillm generate`` for SeqKD, which keeps the ground truth as
+    ``reference``); empty when ``references`` are the ground truth.
     """
 
     instruction: str
@@ -44,11 +47,16 @@ class Example:
     prompt: str | None
     source: str
     category: str = ""
+    ground_truth: tuple[str, ...] = ()
 
     @property
     def response(self) -> str:
         """The training target: the first reference."""
         return self.references[0]
+
+    def for_evaluation(self) -> Example:
+        """This example scored against its ground truth: dev loss and ROUGE-L never measure against a teacher."""
+        return replace(self, references=self.ground_truth, ground_truth=()) if self.ground_truth else self
 
 
 @dataclass
@@ -259,6 +267,7 @@ def _parse_row(row: Mapping[str, Any], format: str, source: str) -> Example:
         prompt=prompt or None,
         source=source,
         category=_text(row, "category", source),
+        ground_truth=_references(row, "reference", source) if "reference" in row else (),
     )
 
 
@@ -275,9 +284,7 @@ def _drop_empty_references(example: Example) -> Example:
     references = tuple(reference for reference in example.references if reference.strip())
     if references == example.references:
         return example
-    return Example(
-        example.instruction, example.input, references, example.prompt, example.source, example.category
-    )
+    return replace(example, references=references)
 
 
 def read_examples(

@@ -125,7 +125,7 @@ def _prepare(args: argparse.Namespace, out: Path) -> int:
     print(f"response tokens: {_percentiles(dataset.response_lengths)} (EOS included)")
     print(
         f"truncated: {meta['prompt_truncated']} prompts (their start cut, the end kept) and "
-        f"{meta['response_truncated']} responses (cut to --max-length, EOS kept)"
+        f"{meta['response_truncated']} responses (cut to --max-length, no EOS added)"
     )
     categories = Counter(example.category for example in dataset.examples if example.category)
     if categories:

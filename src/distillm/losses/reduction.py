@@ -21,8 +21,13 @@ from distillm import IGNORE_INDEX
 __all__ = ["LossParts", "distillation_loss", "masked_mean", "masked_sum", "token_cross_entropy"]
 
 
+def _at_least_float32(values: Tensor) -> Tensor:
+    """Lower precisions widened to float32; float64 stays float64 (the tests' reference runs)."""
+    return values.to(torch.promote_types(values.dtype, torch.float32))
+
+
 def masked_sum(values: Tensor, mask: Tensor) -> Tensor:
-    """Sum of ``values`` where the boolean ``mask`` is true, in float32. [...] , [...] -> scalar.
+    """Sum of ``values`` where the boolean ``mask`` is true, in float32 (float64 for float64). [...] , [...] -> scalar.
 
     Masked positions are selected out with ``where`` rather than multiplied by zero, so a NaN or inf at a
     masked position (a padding row, say) does not leak into the sum.
@@ -31,7 +36,7 @@ def masked_sum(values: Tensor, mask: Tensor) -> Tensor:
         raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
     if mask.shape != values.shape:
         raise ValueError(f"mask shape {tuple(mask.shape)} differs from values shape {tuple(values.shape)}")
-    return torch.where(mask, values.float(), 0.0).sum()
+    return torch.where(mask, _at_least_float32(values), 0.0).sum()
 
 
 def masked_mean(values: Tensor, mask: Tensor, num_tokens: int | Tensor | None = None) -> Tensor:
@@ -43,17 +48,18 @@ def masked_mean(values: Tensor, mask: Tensor, num_tokens: int | Tensor | None = 
     """
     if num_tokens is None:
         num_tokens = mask.sum()
-    denominator = torch.as_tensor(num_tokens, dtype=torch.float32, device=values.device).clamp_min(1)
-    return masked_sum(values, mask) / denominator
+    total = masked_sum(values, mask)
+    denominator = torch.as_tensor(num_tokens, dtype=total.dtype, device=values.device).clamp_min(1)
+    return total / denominator
 
 
 def token_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
-    """Per-token cross-entropy -log q(label), float32; 0 where ``labels == IGNORE_INDEX``. [..., V], [...] -> [...].
+    """Per-token cross-entropy -log q(label), float32 (float64 for float64); 0 where ``labels == IGNORE_INDEX``. [..., V], [...] -> [...].
 
     ``labels`` are already shifted (design.md's batch contract): ``logits[..., t, :]`` predicts ``labels[..., t]``.
     """
     flat = F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]),  # [N, V]
+        _at_least_float32(logits).reshape(-1, logits.shape[-1]),  # [N, V]
         labels.reshape(-1),  # [N]
         ignore_index=IGNORE_INDEX,
         reduction="none",
