@@ -71,7 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StorageError as error:
         if first:
             print(f"distillm {args.command}: error: {error}", file=sys.stderr)
-            print(f"distillm {args.command}: then resume with: {resume_command(argv)}", file=sys.stderr)
+            then = "then resume with" if args.command in ("train", "demo") else "then rerun"
+            print(f"distillm {args.command}: {then}: {resume_command(argv)}", file=sys.stderr)
         return error.exit_code
     except UserError as error:
         print(f"distillm {args.command}: error: {error}", file=sys.stderr)
