@@ -103,3 +103,44 @@ def test_weights_of_another_architecture_are_refused(tmp_path, model_and_tokeniz
     bigger = build_small_model("gpt2", len(tokenizer), layers=2, hidden=16, heads=2)
     with pytest.raises(RuntimeError, match="lacks weights"):
         load_model_weights(bigger, path)
+
+
+def test_resume_takes_the_newest_intact_checkpoint_and_moves_damaged_ones_aside(
+    tmp_path, model_and_tokenizer, caplog
+):
+    from distillm.checkpoint import NoGoodCheckpointError, resumable_checkpoint
+
+    model, tokenizer = model_and_tokenizer
+    good, bad = (save_checkpoint(tmp_path, step, model, tokenizer, {}, keep=2) for step in (1, 2))
+    state = bad / "trainer_state.pt"
+    state.write_bytes(state.read_bytes()[:-1])
+    with caplog.at_level("WARNING"):
+        assert resumable_checkpoint(tmp_path) == good
+    assert f"{state}: " in caplog.text and "truncated" in caplog.text
+    assert (
+        list_checkpoints(tmp_path) == [good] and (tmp_path / "checkpoints" / ".damaged-step-0000002").is_dir()
+    )
+    (good / "model.safetensors").unlink()
+    with pytest.raises(NoGoodCheckpointError, match="no intact checkpoint .* step-0000001"):
+        resumable_checkpoint(tmp_path)
+    assert resumable_checkpoint(tmp_path / "elsewhere") is None, "no checkpoints at all: a fresh start"
+
+
+def test_a_pruned_checkpoint_never_stays_half_deleted_under_its_name(
+    tmp_path, model_and_tokenizer, monkeypatch
+):
+    import shutil
+
+    model, tokenizer = model_and_tokenizer
+    save_checkpoint(tmp_path, 1, model, tokenizer, {}, keep=1)
+    real_rmtree = shutil.rmtree
+
+    def killed_midway(path, *args, **kwargs):
+        if "trash" in str(path) and (tmp_path / "checkpoints" / ".trash-step-0000001").exists():
+            raise KeyboardInterrupt("killed while deleting")
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, 2, model, tokenizer, {}, keep=1)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-0000002"]

@@ -105,3 +105,23 @@ def test_preparing_no_examples_is_an_error(tiny_tokenizer, tmp_path):
 def test_opening_a_folder_that_is_not_a_prepared_dataset_is_an_error(tmp_path):
     with pytest.raises(UserError, match="not a prepared dataset"):
         TokenizedDataset(tmp_path)
+
+
+def test_a_damaged_cache_entry_is_prepared_again_with_a_warning(tiny_tokenizer, tmp_path, caplog):
+    first = prepare_dataset(make_examples(), tiny_tokenizer, cache_dir=tmp_path)
+    expected = [first[i] for i in range(len(first))]
+    tokens = first.folder / "tokens.npy"
+    del first
+    tokens.write_bytes(tokens.read_bytes()[:-4])  # a bad copy cut the last token
+    with caplog.at_level("WARNING"):
+        again = prepare_dataset(make_examples(), tiny_tokenizer, cache_dir=tmp_path)
+    assert f"{tokens}: " in caplog.text and "preparing it again" in caplog.text
+    assert not again.from_cache and [again[i] for i in range(len(again))] == expected
+
+
+def test_opening_a_damaged_prepared_dataset_names_the_file(tiny_tokenizer, tmp_path):
+    dataset = prepare_dataset(make_examples(), tiny_tokenizer, cache_dir=tmp_path)
+    examples = dataset.folder / "examples.jsonl"
+    examples.write_text(examples.read_text().replace("a", "b", 1))
+    with pytest.raises(UserError, match=f"{examples}: its content differs"):
+        TokenizedDataset(dataset.folder)

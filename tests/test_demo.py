@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shlex
+import shutil
+import signal
+import sys
+from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from distillm import demo
 from distillm.cli import main
@@ -153,3 +161,42 @@ def test_a_record_without_finish_times_is_read_in_the_order_its_stages_ran(tmp_p
     stages.run("a", lambda: True, lambda: ran.append("a"))
     stages.run("b", lambda: True, lambda: ran.append("b"), after=["a"])
     assert ran == []
+
+
+def test_a_stage_stopped_by_sigterm_exits_75_and_resumes_on_rerun_to_the_same_weights(
+    quick_demo, monkeypatch, caplog
+):
+    """SIGTERM arrives right after the kd stage's step-2 checkpoint: the demo stops there with exit code 75
+    and the command that resumes; the rerun resumes kd from step 2 and ends with the same weights as the
+    uninterrupted kd run of the fixture."""
+    import distillm.train as train_module
+
+    before = load_file(str(quick_demo / "kd" / "last" / "model.safetensors"))
+    shutil.rmtree(quick_demo / "kd")  # kd is redone from its start
+    save = train_module.save_checkpoint
+
+    def save_then_sigterm(run_dir, step, *args, **kwargs):
+        path = save(run_dir, step, *args, **kwargs)
+        if step == 2 and Path(run_dir).name == "kd":
+            os.kill(os.getpid(), signal.SIGTERM)  # delivered to this process's handler, as from a scheduler
+        return path
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_sigterm)
+    argv = ["demo", "--quick", "--out", str(quick_demo)]
+    with caplog.at_level("INFO"):
+        assert main(argv) == 75
+    resume = shlex.join([sys.executable, "-m", "distillm", *argv])
+    assert (
+        "stopped by SIGTERM after optimizer step 2" in caplog.text and f"resume with: {resume}" in caplog.text
+    )
+    assert not (quick_demo / "kd" / "last").exists()
+
+    monkeypatch.undo()
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        assert main(argv) == 0
+    assert "resuming the interrupted run" in caplog.text and "(step 2)" in caplog.text
+    after = load_file(str(quick_demo / "kd" / "last" / "model.safetensors"))
+    assert before.keys() == after.keys()
+    for name in before:
+        assert torch.equal(before[name], after[name]), name

@@ -4,15 +4,18 @@ A run folder holds::
 
     config.yaml                the resolved configuration
     metrics.jsonl              one JSON object per logged step / evaluation
-    checkpoints/step-0000100/  resumable: the model in Hugging Face format (safetensors) + tokenizer +
+    checkpoints/step-0000100/  resumable (the newest train.keep_checkpoints=2 are kept): the model in Hugging Face format (safetensors) + tokenizer +
                                trainer_state.pt (optimizer, scheduler, data position, every RNG state, the
                                sources' state: replay buffer, phi, ...); under DeepSpeed also deepspeed/,
                                the engine's own checkpoint (every process's partition of the optimizer state)
     best/                      the best model so far by train.select_by (HF format, loadable as is)
     last/                      the final model (HF format)
 
-Every folder is written under a temporary name and renamed into place, so a run killed at any moment
-leaves the previous checkpoint intact, and a half-written folder is never mistaken for a checkpoint.
+Every folder is written under a temporary name, gets a ``manifest.json`` last (each file's size and SHA-256)
+and is renamed into place, so a run killed at any moment leaves the previous checkpoint intact, and a
+half-written folder is never mistaken for a checkpoint. Resuming verifies the newest checkpoint against its
+manifest and falls back to the newest intact one (``resumable_checkpoint``); see docs/faults.md. These
+functions know nothing of the loop that calls them, so a second loop (MiniLLM's) saves and resumes with them.
 """
 
 from __future__ import annotations
@@ -22,11 +25,22 @@ import logging
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from distillm.errors import UserError
+from distillm.storage import (
+    atomic_folder,
+    check_free_space,
+    publish_folder,
+    remove_folder,
+    storage_errors,
+    verify_folder,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -64,46 +78,53 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Atomic folders.
+# Writing: every folder is assembled under a temporary name, gets its manifest last and is renamed into place.
 
 
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
+def tensor_bytes(*objects: Any) -> int:
+    """Bytes of every distinct tensor in nested dicts / lists: a lower bound on what saving them writes."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+
+    def visit(obj: Any) -> None:
+        nonlocal total
+        if isinstance(obj, torch.Tensor):
+            key = (
+                (obj.untyped_storage().data_ptr(), obj.nbytes) if obj.device.type != "meta" else (id(obj), 0)
+            )
+            if key not in seen:
+                seen.add(key)
+                total += obj.nbytes
+        elif isinstance(obj, dict):
+            for value in obj.values():
+                visit(value)
+        elif isinstance(obj, (list, tuple)):
+            for value in obj:
+                visit(value)
+
+    for obj in objects:
+        visit(obj)
+    return total
 
 
-def _publish(tmp: Path, final: Path) -> None:
-    """Move the finished ``tmp`` folder to ``final``, replacing an older one without a moment of neither."""
-    _fsync_tree(tmp)
-    if final.exists():
-        old = final.with_name(f".old-{final.name}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+def _weights(model, state_dict: dict | None) -> dict:
+    return state_dict if state_dict is not None else model.state_dict()
 
 
 def save_model(
     folder: str | Path, model, tokenizer, state_dict: dict | None = None, extra: dict | None = None
 ) -> Path:
-    """Write ``model`` (HF format, safetensors) and ``tokenizer`` to ``folder`` atomically.
+    """Write ``model`` (HF format, safetensors) and ``tokenizer`` to ``folder`` atomically, manifest last.
 
     ``state_dict`` overrides the weights written (accelerate gathers it for sharded models);
     ``extra`` is written as ``distillm.json`` (metrics of a best checkpoint, say).
     """
     folder = Path(folder)
-    tmp = folder.with_name(f".tmp-{folder.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
-    tokenizer.save_pretrained(str(tmp))
-    if extra is not None:
-        (tmp / "distillm.json").write_text(json.dumps(extra, indent=2), encoding="utf-8")
-    _publish(tmp, folder)
+    with atomic_folder(folder, needed=tensor_bytes(_weights(model, state_dict))) as tmp:
+        model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        if extra is not None:
+            (tmp / "distillm.json").write_text(json.dumps(extra, indent=2), encoding="utf-8")
     return folder
 
 
@@ -111,18 +132,61 @@ def checkpoint_name(step: int) -> str:
     return f"{_PREFIX}{step:07d}"
 
 
+def checkpoint_step(folder: Path) -> int:
+    return int(folder.name[len(_PREFIX) :])
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (temporary folders are never listed)."""
+    """Checkpoint folders of a run, oldest first, unverified (temporary folders are never listed)."""
     root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.name.startswith(_PREFIX) and (p / TRAINER_STATE).is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(_PREFIX) :]))
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX) and p.name[5:].isdigit()]
+    return sorted(found, key=checkpoint_step)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint folder, unverified; ``resumable_checkpoint`` is the one to resume from."""
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
+
+
+class NoGoodCheckpointError(UserError):
+    """Every checkpoint of a run is damaged."""
+
+
+def resumable_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint whose files match its manifest; None if the run has none at all.
+
+    A damaged one (truncated, corrupted, incomplete) is skipped with a warning that names the file and what is
+    wrong, and moved aside to ``.damaged-step-...`` so that it is never considered again. Call it on one
+    process only (it renames). Raises ``NoGoodCheckpointError`` when checkpoints exist but none is intact.
+    """
+    damaged: list[str] = []
+    for folder in reversed(list_checkpoints(run_dir)):
+        problems = verify_folder(folder)
+        if not problems:
+            if damaged:
+                logger.warning("resuming from %s, the newest intact checkpoint", folder)
+            return folder
+        aside = folder.with_name(f".damaged-{folder.name}")
+        remove_folder(aside)
+        os.replace(folder, aside)
+        logger.warning(
+            "skipping checkpoint %s: %s; moved it to %s (delete it when no longer needed)",
+            folder.name,
+            "; ".join(problems),
+            aside,
+        )
+        damaged.append(f"{folder.name} ({'; '.join(problems)})")
+    if damaged:
+        raise NoGoodCheckpointError(
+            f"no intact checkpoint in {Path(run_dir) / CHECKPOINTS} to resume from: "
+            + ", ".join(damaged)
+            + " (moved aside as .damaged-step-*). Restore a good copy of one there, or start the run over with "
+            "train.resume=false (or a new train.output_dir)"
+        )
+    return None
 
 
 def staging_folder(run_dir: str | Path, step: int) -> Path:
@@ -133,9 +197,15 @@ def staging_folder(run_dir: str | Path, step: int) -> Path:
 def stage_checkpoint(run_dir: str | Path, step: int) -> Path:
     """Create ``step``'s staging folder empty, for other processes to write into before ``save_checkpoint``."""
     tmp = staging_folder(run_dir, step)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    with storage_errors(tmp.parent):
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
     return tmp
+
+
+# A test-only pause (seconds) between writing a checkpoint's weights and its trainer state, so that tests can
+# kill a run inside a save (tests/test_faults.py).
+_SAVE_DELAY_ENV = "DISTILLM_TEST_SAVE_DELAY"
 
 
 def save_checkpoint(
@@ -144,24 +214,39 @@ def save_checkpoint(
     model,
     tokenizer,
     trainer_state: dict[str, Any],
-    keep: int = 1,
+    keep: int = 2,
     state_dict: dict | None = None,
     staged: bool = False,
 ) -> Path:
     """A resumable checkpoint of ``step``; keeps the newest ``keep`` and removes older ones.
 
     ``staged``: the staging folder was made by ``stage_checkpoint`` and already holds files (DeepSpeed's
-    partitioned state); they are published together with the rest.
+    partitioned state); they are published together with the rest. If the disk is full or the folder not
+    writable, raises ``StorageError`` (folder, bytes needed, bytes free), removes the staging folder and
+    leaves every earlier checkpoint as it was.
     """
     root = Path(run_dir) / CHECKPOINTS
     final = root / checkpoint_name(step)
-    tmp = staging_folder(run_dir, step) if staged else stage_checkpoint(run_dir, step)
-    model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
-    tokenizer.save_pretrained(str(tmp))
-    torch.save({**trainer_state, "rng": capture_rng_state(), "step": step}, tmp / TRAINER_STATE)
-    _publish(tmp, final)
+    state = {**trainer_state, "rng": capture_rng_state(), "step": step}
+    needed = tensor_bytes(_weights(model, state_dict), state)
+    tmp = staging_folder(run_dir, step)
+    try:
+        with storage_errors(root, needed):
+            if not staged:
+                root.mkdir(parents=True, exist_ok=True)
+                check_free_space(root, needed)
+                stage_checkpoint(run_dir, step)
+            model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
+            tokenizer.save_pretrained(str(tmp))
+            if os.environ.get(_SAVE_DELAY_ENV):
+                time.sleep(float(os.environ[_SAVE_DELAY_ENV]))
+            torch.save(state, tmp / TRAINER_STATE)
+            publish_folder(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_folder(old)
     logger.info("saved checkpoint %s", final)
     return final
 

@@ -1,5 +1,9 @@
 """The ``distillm`` command line: ``main(argv) -> int``, called by the console script and by tests.
 
+Exit codes: 0 done; 2 bad input (the message says what to fix); 74 the output could not be written (disk
+full, read-only: free space, then rerun the printed command to resume); 75 stopped by SIGTERM/SIGINT after
+saving a checkpoint (rerun the printed command to resume). See docs/faults.md.
+
 Each subcommand lives in the module that does its work; that module provides
 ``add_arguments(parser)`` and ``run(args) -> int``. Modules are imported only when their subcommand runs,
 so ``distillm --help`` stays fast.
@@ -10,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -52,8 +57,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     module = importlib.import_module(COMMANDS[args.command][0])
+    from distillm.faults import TrainingStopped, resume_command
+    from distillm.storage import StorageError
+
+    # Only the first process of a launch says how to resume; every process exits with the same code.
+    first = os.environ.get("RANK", "0") == "0"
     try:
         return int(module.run(args) or 0)
+    except TrainingStopped as stopped:
+        if first:
+            logging.getLogger("distillm").warning("%s; resume with: %s", stopped, resume_command(argv))
+        return stopped.exit_code
+    except StorageError as error:
+        if first:
+            print(f"distillm {args.command}: error: {error}", file=sys.stderr)
+            then = "then resume with" if args.command in ("train", "demo") else "then rerun"
+            print(f"distillm {args.command}: {then}: {resume_command(argv)}", file=sys.stderr)
+        return error.exit_code
     except UserError as error:
         print(f"distillm {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -296,7 +296,11 @@ class TrainConfig:
     save_every: int = _field(
         0, "Write a resumable checkpoint every N optimizer steps; 0 means once per epoch."
     )
-    keep_checkpoints: int = _field(1, "Resumable checkpoints kept besides best/ and last/.")
+    keep_checkpoints: int = _field(
+        2,
+        "Resumable checkpoints kept besides best/ and last/ (2: if the newest is damaged, resume falls back "
+        "to the one before; docs/faults.md).",
+    )
     log_every: int = _field(10, "Log metrics every N optimizer steps.")
     report_to: tuple[Literal["tensorboard", "wandb"], ...] = _field(
         (), "Extra metric sinks besides metrics.jsonl: tensorboard, wandb."
@@ -569,7 +573,9 @@ def replace(config: Any, **dotted: Any) -> Any:
 
 
 def save_config(config: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
+    from distillm.storage import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
 def describe_fields(schema: type = Config, prefix: str = "") -> list[tuple[str, str, Any, str]]:

@@ -11,8 +11,11 @@ Five stages, each writing its own folder under ``--out`` (default ``runs/demo``)
 4. ``eval/<model>/``: ``distillm evaluate`` on the test split with five sampling seeds, per model;
 5. ``report.md``, ``report.html`` and ``curves.png`` (``distillm.report``).
 
-A stage whose folder is complete is reused (a training run is complete when it has ``last/`` and
-``summary.json``); ``--force`` redoes everything. ``--quick`` runs the same stages on a small budget (the test
+A stage whose folder is complete and intact (its files match its manifest, ``distillm.storage``) is reused (a
+training run is complete when it has ``last/`` and ``summary.json``); ``--force`` redoes everything. Every stage
+writes its folder atomically, so a killed demo never leaves a half-written stage behind; a training stage
+stopped by SIGTERM/SIGINT (exit code 75) resumes from its checkpoint when the demo is rerun with the same
+arguments. ``--quick`` runs the same stages on a small budget (the test
 suite runs it). Training runs go through the presets in ``configs/tiny/`` with overrides that point them at
 ``--out`` and set the plan's budget, exactly as ``distillm train --config ... KEY=VALUE`` would.
 """
@@ -32,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from distillm.errors import UserError
+from distillm.storage import atomic_folder, atomic_write_text, remove_folder, verify_folder
 
 logger = logging.getLogger(__name__)
 
@@ -180,9 +184,7 @@ class Stages:
         self._save()
 
     def _save(self) -> None:
-        temporary = self.record_path.with_name("demo.json.tmp")
-        temporary.write_text(json.dumps(self.record, indent=2) + "\n", encoding="utf-8")
-        os.replace(temporary, self.record_path)
+        atomic_write_text(self.record_path, json.dumps(self.record, indent=2) + "\n")
 
     def run(
         self, name: str, done: Callable[[], bool], work: Callable[[], Any], after: Sequence[str] = ()
@@ -224,18 +226,11 @@ def _machine() -> str:
     return f"{platform.processor() or platform.machine()}, {cores} CPU cores, {threads} torch threads"
 
 
-def _replace_dir(temporary: Path, final: Path) -> None:
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(temporary, final)
-
-
-def _fresh_temporary(final: Path) -> Path:
-    temporary = final.with_name(f".tmp-{final.name}")
-    if temporary.exists():
-        shutil.rmtree(temporary)
-    temporary.mkdir(parents=True)
-    return temporary
+def _intact(folder: Path) -> bool:
+    problems = verify_folder(folder)
+    if problems and folder.exists():
+        logger.warning("%s is damaged, redoing it: %s", folder, "; ".join(problems))
+    return not problems
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -248,16 +243,15 @@ def write_data(out: Path, plan: DemoPlan) -> None:
     from distillm.data.template import template_segments
     from distillm.tokenizer import train_bpe_tokenizer
 
-    data = _fresh_temporary(out / "data")
-    paths = write_task_suite(
-        data, seed=plan.suite_seed, n_train=plan.n_train, n_dev=plan.n_dev, n_test=plan.n_test
-    )
-    examples, _ = read_examples(str(paths["train"]), "dolly")
-    # Trained on what the models read (template and response); the template's fixed text is one token per
-    # segment, so that a prompt costs ~17 positions instead of ~60 and every stage runs ~2.5x faster.
-    texts = [render_prompt(example, "alpaca") + example.references[0] for example in examples]
-    tokenizer_dir = _fresh_temporary(out / "tokenizer")
-    tokenizer = train_bpe_tokenizer(texts, plan.vocab_size, tokenizer_dir, phrases=template_segments())
+    with atomic_folder(out / "data") as data, atomic_folder(out / "tokenizer") as tokenizer_dir:
+        paths = write_task_suite(
+            data, seed=plan.suite_seed, n_train=plan.n_train, n_dev=plan.n_dev, n_test=plan.n_test
+        )
+        examples, _ = read_examples(str(paths["train"]), "dolly")
+        # Trained on what the models read (template and response); the template's fixed text is one token per
+        # segment, so that a prompt costs ~17 positions instead of ~60 and every stage runs ~2.5x faster.
+        texts = [render_prompt(example, "alpaca") + example.references[0] for example in examples]
+        tokenizer = train_bpe_tokenizer(texts, plan.vocab_size, tokenizer_dir, phrases=template_segments())
     logger.info(
         "task suite: %d/%d/%d rows; tokenizer: %d tokens",
         plan.n_train,
@@ -265,14 +259,14 @@ def write_data(out: Path, plan: DemoPlan) -> None:
         plan.n_test,
         len(tokenizer),
     )
-    _replace_dir(tokenizer_dir, out / "tokenizer")
-    _replace_dir(data, out / "data")
 
 
 def data_done(out: Path) -> bool:
     return (
         all((out / "data" / f"{s}.jsonl").is_file() for s in ("train", "dev", "test"))
         and (out / "tokenizer" / "tokenizer.json").is_file()
+        and _intact(out / "tokenizer")
+        and _intact(out / "data")
     )
 
 
@@ -309,18 +303,24 @@ def build_models(out: Path, plan: DemoPlan) -> None:
         logger.info(
             "%s: %d layers, hidden %d, %.2fM parameters", name, shape.layers, shape.hidden, parameters / 1e6
         )
-        folder = _fresh_temporary(out / "models" / name)
-        model.save_pretrained(str(folder))
-        tokenizer.save_pretrained(str(folder))
-        _replace_dir(folder, out / "models" / name)
+        with atomic_folder(out / "models" / name) as folder:
+            model.save_pretrained(str(folder))
+            tokenizer.save_pretrained(str(folder))
 
 
 def models_done(out: Path) -> bool:
-    return all((out / "models" / name / "config.json").is_file() for name in ("teacher-base", "student-base"))
+    return all(
+        (out / "models" / name / "config.json").is_file() and _intact(out / "models" / name)
+        for name in ("teacher-base", "student-base")
+    )
 
 
 def run_done(run_dir: Path) -> bool:
-    return (run_dir / "last").is_dir() and (run_dir / "summary.json").is_file()
+    return (
+        (run_dir / "summary.json").is_file()
+        and _intact(run_dir / "last")
+        and (not (run_dir / "best").exists() or _intact(run_dir / "best"))
+    )
 
 
 def common_overrides(
@@ -338,17 +338,30 @@ def common_overrides(
         f"train.save_every={every}",
         f"train.eval_rouge_rows={plan.eval_rouge_rows}",
         f"generation.max_new_tokens={plan.max_new_tokens}",
-        "train.resume=false",  # an incomplete run is redone from its start, never half-resumed with a new plan
     ]
 
 
 def train_preset(preset: str, overrides: Sequence[str]) -> None:
-    from distillm.config import load_config
+    """Train ``preset``; a run folder left by a stopped or killed run of this very configuration is resumed,
+    anything else there (another plan, another preset version) is removed first."""
+    import yaml
+
+    from distillm.checkpoint import list_checkpoints
+    from distillm.config import load_config, to_dict
     from distillm.train import train
 
     config = load_config(presets_dir() / f"{preset}.yaml", list(overrides))
-    if Path(config.train.output_dir).exists():
-        shutil.rmtree(config.train.output_dir)  # leftovers of an interrupted run
+    out = Path(config.train.output_dir)
+    saved = out / "config.yaml"
+    same = saved.is_file() and yaml.safe_load(saved.read_text(encoding="utf-8")) == yaml.safe_load(
+        yaml.safe_dump(to_dict(config), sort_keys=False)
+    )
+    if same and list_checkpoints(out):
+        logger.info("resuming the interrupted run in %s", out)
+    elif out.exists():
+        remove_folder(
+            out
+        )  # leftovers of another configuration, or of a run killed before its first checkpoint
     train(config)
 
 
@@ -399,7 +412,10 @@ def generate_teacher_answers(out: Path, plan: DemoPlan) -> None:
         )
     seconds = time.perf_counter() - start
     write_jsonl_atomic(teacher_rows(examples, predictions), out / "data" / "teacher.jsonl")
-    (out / "data" / "teacher.json").write_text(json.dumps({"rows": len(examples), "seconds": seconds}) + "\n")
+    # Written second: its presence means teacher.jsonl is complete.
+    atomic_write_text(
+        out / "data" / "teacher.json", json.dumps({"rows": len(examples), "seconds": seconds}) + "\n"
+    )
 
 
 def teacher_answers_done(out: Path) -> bool:
@@ -437,7 +453,7 @@ def evaluate_model_dir(out: Path, plan: DemoPlan, model_dir: Path, eval_dir: Pat
             "--data",
             str(out / "data" / "test.jsonl"),
             "--out",
-            str(eval_dir),
+            "OUT",
             "--seeds",
             *map(str, plan.eval_seeds),
             "--max-new-tokens",
@@ -452,13 +468,13 @@ def evaluate_model_dir(out: Path, plan: DemoPlan, model_dir: Path, eval_dir: Pat
             "cpu",
         ]
     )
-    if eval_dir.exists():
-        shutil.rmtree(eval_dir)
-    evaluate.run(args)
+    with atomic_folder(eval_dir) as staging:  # the model's evaluation appears whole, or not at all
+        args.out = str(staging)
+        evaluate.run(args)
 
 
 def eval_done(eval_dir: Path) -> bool:
-    return (eval_dir / "summary.json").is_file()
+    return (eval_dir / "summary.json").is_file() and _intact(eval_dir)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -506,7 +522,7 @@ def write_demo_report(out: Path, stages: Stages) -> DemoResult:
     models = evaluated_models(out)
     evaluation = merge_evaluations(models)
     (dataset,) = evaluation["datasets"]
-    (out / "eval" / "summary.json").write_text(json.dumps(evaluation, indent=2) + "\n", encoding="utf-8")
+    atomic_write_text(out / "eval" / "summary.json", json.dumps(evaluation, indent=2) + "\n")
 
     runs = [report.load_run(TEACHER, out / "teacher"), report.load_run(INIT, out / "init")]
     runs += [report.load_run(m.name, out / m.folder) for m in METHODS]

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from torch import Tensor
 from distillm.config import GenerationConfig
 from distillm.errors import UserError
 from distillm.metrics import exact_match, rouge_l, summarize
+from distillm.storage import atomic_write_text
 
 if TYPE_CHECKING:
     from distillm.data import Example
@@ -365,15 +365,8 @@ def results_table(summary: dict[str, Any], metric: str = "rougeL") -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
-
-
 def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    _write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -538,9 +531,9 @@ def run(args: argparse.Namespace) -> int:
                 stats["rows"],
             )
         del model
-    _write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")  # last: the run is complete
     table = results_table(summary)
-    _write_atomic(
+    atomic_write_text(
         out / "results.md", f"ROUGE-L, mean (std) over seeds {', '.join(map(str, args.seeds))}\n\n" + table
     )
     logger.info("wrote %s and %s\n%s", out / "summary.json", out / "results.md", table)

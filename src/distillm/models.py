@@ -119,8 +119,10 @@ def torch_dtype(precision: str):
     return getattr(torch, _TORCH_DTYPES[precision])
 
 
-def _check_exists(path: str, role: str) -> None:
-    """A missing local path is a user error; anything shaped like ``org/name`` may be a hub id."""
+def _check_exists(path: str, role: str, verify: bool = False) -> None:
+    """A missing local path is a user error; anything shaped like ``org/name`` may be a hub id.
+
+    ``verify``: check a local folder against its manifest (``verify_model_folder``)."""
     import re
     from pathlib import Path
 
@@ -128,10 +130,34 @@ def _check_exists(path: str, role: str) -> None:
 
     if not path:
         raise UserError(f"no {role} given; set model.{role}=PATH")
-    if Path(path).expanduser().exists():
+    from distillm.storage import recover_replaced
+
+    local = Path(path).expanduser()
+    recover_replaced(local)  # a folder whose replacement (best/, last/) was cut short by a kill
+    if local.exists():
+        if verify:
+            verify_model_folder(local, role)
         return
     if path.startswith((".", "/", "~")) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path):
         raise UserError(f"{role} path {path!r} does not exist; pass a model folder or a hub name")
+
+
+def verify_model_folder(folder, role: str = "model") -> None:
+    """Check a model folder distillm wrote (``best/``, ``last/``, a checkpoint) against its manifest before
+    it is trusted; folders from elsewhere (no manifest, no distillm.json) are loaded as they are."""
+    from pathlib import Path
+
+    from distillm.storage import MANIFEST, require_intact
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    if (folder / MANIFEST).is_file() or (folder / "distillm.json").is_file():
+        require_intact(
+            folder,
+            f"{role} folder",
+            "Restore it from a copy; a training run's checkpoints/ hold resumable copies of its weights",
+        )
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False, role: str = "tokenizer"):
@@ -164,7 +190,7 @@ def load_causal_lm(path: str, dtype: str = "fp32", trust_remote_code: bool = Fal
 
     from distillm.errors import UserError
 
-    _check_exists(path, role)
+    _check_exists(path, role, verify=True)
     try:
         if _is_adapter(path):
             from peft import AutoPeftModelForCausalLM
@@ -304,7 +330,7 @@ def load_lora_student(path: str, trust_remote_code: bool = False):
 
     from distillm.errors import UserError
 
-    _check_exists(path, "student")
+    _check_exists(path, "student", verify=True)
     try:
         model = AutoPeftModelForCausalLM.from_pretrained(
             path, is_trainable=True, dtype=torch_dtype("fp32"), trust_remote_code=trust_remote_code

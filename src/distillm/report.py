@@ -17,13 +17,13 @@ from __future__ import annotations
 import html
 import json
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from distillm.errors import UserError
+from distillm.storage import atomic_write_bytes, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -378,11 +378,12 @@ def plot_curves(runs: Sequence[RunRecord], path: str | Path) -> Path:
         axis.grid(alpha=0.3)
     rouge_axis.legend(fontsize=8, loc="best")
     figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
+    import io
+
+    image = io.BytesIO()
+    figure.savefig(image, format="png", dpi=110)
     plt.close(figure)
-    return path
+    return atomic_write_bytes(path, image.getvalue())
 
 
 def example_table(predictions: dict[str, list[dict[str, Any]]], indices: Sequence[int]) -> Table:
@@ -489,12 +490,6 @@ def build_blocks(inputs: ReportInputs, plot_name: str) -> list[Block]:
     return blocks
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
-
-
 def write_report(inputs: ReportInputs, out_dir: str | Path) -> dict[str, Path]:
     """Write ``report.md``, ``report.html`` and ``curves.png`` into ``out_dir``; returns their paths."""
     out_dir = Path(out_dir)
@@ -502,6 +497,6 @@ def write_report(inputs: ReportInputs, out_dir: str | Path) -> dict[str, Path]:
     plot = plot_curves([run for run in inputs.runs if run.name in inputs.method_runs], out_dir / "curves.png")
     blocks = build_blocks(inputs, plot.name)
     paths = {"markdown": out_dir / "report.md", "html": out_dir / "report.html", "plot": plot}
-    _write_atomic(paths["markdown"], to_markdown(blocks))
-    _write_atomic(paths["html"], to_html(blocks, inputs.title))
+    atomic_write_text(paths["markdown"], to_markdown(blocks))
+    atomic_write_text(paths["html"], to_html(blocks, inputs.title))
     return paths

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
 
 from distillm.config import GenerationConfig, load_config
 from distillm.errors import UserError
+from distillm.storage import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -35,14 +35,7 @@ def teacher_rows(examples, predictions: list[str]) -> list[dict]:
 
 
 def write_jsonl_atomic(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def add_arguments(parser) -> None:

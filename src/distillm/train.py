@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,12 +27,16 @@ import torch
 
 from distillm import IGNORE_INDEX
 from distillm.checkpoint import (
+    CHECKPOINTS,
     DEEPSPEED_STATE,
     capture_rng_state,
-    latest_checkpoint,
+    checkpoint_name,
+    checkpoint_step,
+    list_checkpoints,
     load_model_weights,
     load_trainer_state,
     restore_rng_state,
+    resumable_checkpoint,
     save_checkpoint,
     save_model,
     stage_checkpoint,
@@ -39,6 +44,7 @@ from distillm.checkpoint import (
 )
 from distillm.config import Config, save_config
 from distillm.errors import UserError
+from distillm.faults import GracefulStop, TrainingStopped
 from distillm.models import (
     apply_lora,
     check_same_tokenizer,
@@ -54,6 +60,7 @@ from distillm.models import (
 from distillm.objective import StudentObjective, teacher_forward
 from distillm.optim import build_optimizer, build_scheduler
 from distillm.sources import build_sources
+from distillm.storage import StorageError, atomic_write_text, recover_replaced, storage_errors
 
 logger = logging.getLogger(__name__)
 
@@ -503,15 +510,21 @@ class MetricsLog:
     def __init__(self, path: Path, accelerator, resume_step: int | None):
         self.path, self.accelerator = path, accelerator
         if accelerator.is_main_process and resume_step is not None and path.exists():
-            # Rows logged after the checkpoint belong to the abandoned part of the killed run.
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            # Rows logged after the checkpoint belong to the abandoned part of the killed run; so does a last
+            # line cut short by the kill.
+            rows = []
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    logger.warning("%s: dropping an incomplete line written when the run was killed", path)
             kept = [r for r in rows if r.get("step", 0) <= resume_step]
-            path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, row: dict[str, Any]) -> None:
         if not self.accelerator.is_main_process:
             return
-        with open(self.path, "a", encoding="utf-8") as handle:
+        with storage_errors(self.path.parent), open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")
         numeric = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
         if self.accelerator.trackers:
@@ -519,8 +532,17 @@ class MetricsLog:
 
 
 def train(config: Config) -> TrainResult:
-    """Run (or resume) the training described by ``config``; returns where things were written."""
+    """Run (or resume) the training described by ``config``; returns where things were written.
+
+    SIGTERM or SIGINT stops it at the next optimizer-step boundary with a checkpoint (``TrainingStopped``);
+    a full disk stops it with ``StorageError``; either way a rerun resumes (docs/faults.md).
+    """
     config.validate()
+    with GracefulStop() as stop:
+        return _train(config, stop)
+
+
+def _train(config: Config, stop: GracefulStop) -> TrainResult:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-file load/save bars would bury the training bar
@@ -528,8 +550,11 @@ def train(config: Config) -> TrainResult:
     out = Path(config.train.output_dir)
     cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else out.parent / ".cache"
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
+        with storage_errors(out):
+            out.mkdir(parents=True, exist_ok=True)
         save_config(config, out / "config.yaml")
+        for folder in ("best", "last"):
+            recover_replaced(out / folder)  # a kill between the two renames that replace it
     accelerator.wait_for_everyone()
     seed_everything(config.seed + accelerator.process_index)  # distinct dropout per process, as the original
 
@@ -565,7 +590,7 @@ def train(config: Config) -> TrainResult:
     )
     state = TrainState()
 
-    checkpoint = latest_checkpoint(out) if config.train.resume else None
+    checkpoint = _choose_checkpoint(accelerator, out) if config.train.resume else None
     if checkpoint is not None:
         load_model_weights(student, checkpoint)
         saved = load_trainer_state(checkpoint)
@@ -733,11 +758,21 @@ def train(config: Config) -> TrainResult:
 
         if state.step % save_every == 0 or state.step == total_steps:
             _save(config, accelerator, objective, tokenizer, optimizer, scheduler, sources, state, out)
+
+        # 5. A signal on any process stops every process here, at the same step, after a checkpoint.
+        if state.step < total_steps and stop.agreed(_any_process(accelerator)):
+            if state.step % save_every != 0:
+                _save(config, accelerator, objective, tokenizer, optimizer, scheduler, sources, state, out)
+            bar.close()
+            raise TrainingStopped(
+                stop.signal_name, state.step, out / CHECKPOINTS / checkpoint_name(state.step)
+            )
     bar.close()
 
     weights = _student_state_dict(accelerator, objective)
     sources_by_rank = _gather_sources(accelerator, all_sources)
-    if accelerator.is_main_process:
+
+    def write_last() -> None:
         model = _unwrap(accelerator, objective).student
         extra = {"step": state.step, "dev_loss": last_dev_loss}
         save_model(out / "last", model, tokenizer, state_dict=weights, extra=extra)
@@ -751,8 +786,14 @@ def train(config: Config) -> TrainResult:
             "source_counts": {k: v for k, v in sources.counts.items() if v},
             "tokens": state.tokens_seen,
         }
-        (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    accelerator.wait_for_everyone()
+        atomic_write_text(
+            out / "summary.json", json.dumps(summary, indent=2)
+        )  # written last: the run is done
+
+    try:
+        _together(accelerator, write_last if accelerator.is_main_process else None, "the final model")
+    except StorageError as error:
+        raise _stopped_writing(f"{out / 'last'}", error, state.step, out) from error
     accelerator.end_training()
     counts = {k: v for k, v in sources.counts.items() if v}
     return TrainResult(out, state.step, state.best_metric, state.best_step, last_dev_loss, seconds, counts)
@@ -802,11 +843,79 @@ def _keep_best(config, accelerator, objective, tokenizer, state: TrainState, eva
         return
     state.best_metric, state.best_step = value, state.step
     weights = _student_state_dict(accelerator, objective)
-    if accelerator.is_main_process:
+
+    def write_best() -> None:
         model = _unwrap(accelerator, objective).student
         save_model(
             out / "best", model, tokenizer, state_dict=weights, extra={"step": state.step, **evaluation}
         )
+
+    try:
+        _together(accelerator, write_best if accelerator.is_main_process else None, "the best model")
+    except StorageError as error:
+        raise _stopped_writing(f"{out / 'best'} of step {state.step}", error, state.step, out) from error
+
+
+def _any_process(accelerator):
+    """``flag -> bool``: True on every process when ``flag`` is True on any (None for a single process)."""
+    if accelerator.num_processes == 1:
+        return None
+
+    def any_process(flag: bool) -> bool:
+        count = torch.tensor(int(flag), device=accelerator.device)
+        return bool(accelerator.reduce(count, reduction="sum").item() > 0)
+
+    return any_process
+
+
+def _together(accelerator, work, what: str):
+    """Run ``work`` (writing files; None: nothing on this process), then agree: if it failed on any process,
+    every process raises, instead of the others waiting for it in the next collective until a timeout."""
+    error: BaseException | None = None
+    result = None
+    try:
+        if work is not None:
+            result = work()
+    except Exception as caught:  # noqa: BLE001 - re-raised below, on every process
+        error = caught
+    if accelerator.num_processes > 1:
+        code = 0 if error is None else (1 if isinstance(error, StorageError) else 2)
+        worst = torch.tensor(code, device=accelerator.device)
+        worst = int(_reduce_max(accelerator, worst))
+        if error is None and worst:
+            kind = StorageError if worst == 1 else RuntimeError
+            raise kind(f"another process could not write {what} (its error is in its log)")
+    if error is not None:
+        raise error
+    return result
+
+
+def _reduce_max(accelerator, value: torch.Tensor) -> int:
+    import torch.distributed as dist
+
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return int(value.item())
+
+
+def _choose_checkpoint(accelerator, out: Path) -> Path | None:
+    """The newest intact checkpoint (verified on the main process, which moves damaged ones aside), or None;
+    the same on every process."""
+    choice: list[Any] = [None, None]  # [path, error message]
+    if accelerator.is_main_process:
+        try:
+            found = resumable_checkpoint(out)
+            choice[0] = str(found) if found is not None else None
+        except UserError as error:
+            choice[1] = str(error)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        choice = broadcast_object_list(choice)
+    if choice[1] is not None:
+        from distillm.checkpoint import NoGoodCheckpointError
+
+        raise NoGoodCheckpointError(choice[1])
+    return Path(choice[0]) if choice[0] is not None else None
 
 
 def _gather_sources(accelerator, sources: list[str]) -> list[str]:
@@ -824,16 +933,8 @@ def _save(config, accelerator, objective, tokenizer, optimizer, scheduler, sourc
     # Each process has its own replay buffer, sampling stream and RNG: all of them go into the checkpoint.
     per_process = _gather_to_main(accelerator, {"sources": sources.state_dict(), "rng": capture_rng_state()})
     deepspeed = accelerator.state.deepspeed_plugin is not None
-    if deepspeed:
-        # Each process writes its partition of the optimizer state into the folder being assembled; rank 0
-        # then adds the rest and renames the whole folder into place.
-        if accelerator.is_main_process:
-            stage_checkpoint(out, state.step)
-        accelerator.wait_for_everyone()
-        engine_folder = staging_folder(out, state.step) / DEEPSPEED_STATE
-        objective.save_checkpoint(str(engine_folder), tag=_ENGINE_TAG, save_latest=False)
-        accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+
+    def write_checkpoint() -> None:
         trainer_state = {
             "optimizer": None if deepspeed else optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
@@ -851,7 +952,41 @@ def _save(config, accelerator, objective, tokenizer, optimizer, scheduler, sourc
             state_dict=weights,
             staged=deepspeed,
         )
-    accelerator.wait_for_everyone()
+
+    main = accelerator.is_main_process
+    try:
+        if deepspeed:
+            # Each process writes its partition of the optimizer state into the folder being assembled; rank 0
+            # then adds the rest and renames the whole folder into place.
+            _together(
+                accelerator, (lambda: stage_checkpoint(out, state.step)) if main else None, "a checkpoint"
+            )
+            engine_folder = staging_folder(out, state.step) / DEEPSPEED_STATE
+            _together(
+                accelerator,
+                lambda: objective.save_checkpoint(str(engine_folder), tag=_ENGINE_TAG, save_latest=False),
+                "a checkpoint",
+            )
+        _together(accelerator, write_checkpoint if main else None, "a checkpoint")
+    except StorageError as error:
+        if main:
+            shutil.rmtree(staging_folder(out, state.step), ignore_errors=True)
+        raise _stopped_writing(f"the checkpoint of step {state.step}", error, state.step, out) from error
+
+
+def _stopped_writing(what: str, error: StorageError, step: int, out: Path) -> StorageError:
+    """``error`` with what could not be written, where training stopped and what a rerun redoes."""
+    previous = [p for p in list_checkpoints(out) if checkpoint_step(p) <= step]
+    if previous and checkpoint_step(previous[-1]) == step:
+        kept = f"the checkpoint {previous[-1]} of this step is intact (nothing will be redone)"
+    elif previous:
+        kept = (
+            f"the previous checkpoint {previous[-1]} is untouched (steps {checkpoint_step(previous[-1]) + 1}-"
+            f"{step} will be redone)"
+        )
+    else:
+        kept = f"there is no earlier checkpoint (the rerun starts over, {step} steps)"
+    return StorageError(f"could not write {what}: {error}; training stopped at step {step}, {kept}")
 
 
 _ENGINE_TAG = "engine"
@@ -946,7 +1081,7 @@ def run(args) -> int:
     if args.resume:
         if not config.train.resume:
             raise UserError("--resume contradicts train.resume=false")
-        if latest_checkpoint(config.train.output_dir) is None:
+        if not list_checkpoints(config.train.output_dir):
             raise UserError(
                 f"--resume: no checkpoint in {config.train.output_dir}/checkpoints to resume from"
             )

@@ -8,22 +8,21 @@ A prepared dataset is a folder:
 | `offsets.npy`        | int64 `[N + 1]`: example i spans `tokens[offsets[i]:offsets[i + 1]]`    |
 | `prompt_lengths.npy` | int32 `[N]`: how many of those are prompt tokens                        |
 | `examples.jsonl`     | the examples in the same order (rendered prompt, references) for ROUGE-L |
-| `meta.json`          | settings, counts of truncations; written last, so its presence means complete |
+| `meta.json`          | settings, counts of truncations                                         |
+| `manifest.json`      | every file's size and SHA-256, written last (``distillm.storage``)      |
 
-Folders are written under a temporary name and renamed into place, so a crash never leaves a half-written
-cache that a later run would trust.
+Folders are written under a temporary name and renamed into place (``storage.atomic_folder``), so a crash
+never leaves a half-written cache that a later run would trust; a folder is opened only after its files
+match its manifest, and a damaged cache entry is prepared again.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import os
-import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ from distillm.data.encode import encode_example_detailed
 from distillm.data.formats import Example
 from distillm.data.template import render_prompt
 from distillm.errors import UserError
+from distillm.storage import DamagedError, atomic_folder, remove_folder, require_intact
 
 logger = logging.getLogger(__name__)
 
@@ -57,34 +57,6 @@ def tokenizer_fingerprint(tokenizer) -> str:
     }
     digest.update(json.dumps(extra, sort_keys=True, default=str).encode())
     return digest.hexdigest()
-
-
-@contextlib.contextmanager
-def atomic_folder(final: Path, replace: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside ``final``; on success rename it to ``final``, on error delete it.
-
-    ``replace=False`` and ``final`` already complete (another process won the race) keeps the existing one.
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        yield temporary
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
-    if final.exists() and replace:
-        trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
-        os.replace(final, trash / final.name)
-        os.replace(temporary, final)
-        shutil.rmtree(trash, ignore_errors=True)
-        return
-    try:
-        os.replace(temporary, final)  # atomic; also succeeds over an empty folder
-    except OSError:
-        shutil.rmtree(temporary, ignore_errors=True)
-        if not (final / META_FILE).exists():
-            raise
 
 
 def _example_to_json(example: Example, rendered_prompt: str) -> dict[str, Any]:
@@ -163,6 +135,7 @@ class TokenizedDataset:
             raise UserError(
                 f"{self.folder} is not a prepared dataset (no {META_FILE}); run `distillm prepare`"
             )
+        require_intact(self.folder, "prepared dataset", "Prepare it again (`distillm prepare --force`)")
         self.meta: dict[str, Any] = json.loads(meta_path.read_text())
         if self.meta.get("version") != CACHE_VERSION:
             raise UserError(f"{self.folder} was prepared by another distillm version; prepare it again")
@@ -219,9 +192,14 @@ def prepare_dataset(
     key = _cache_key(examples, tokenizer, template, max_length, max_prompt_length)
     final = Path(cache_dir) / f"sft-{key[:24]}"
     if (final / META_FILE).exists():
-        logger.info("reusing prepared data in %s", final)
-        return TokenizedDataset(final, from_cache=True)
-    with atomic_folder(final) as temporary:
+        try:
+            dataset = TokenizedDataset(final, from_cache=True)
+            logger.info("reusing prepared data in %s", final)
+            return dataset
+        except DamagedError as error:
+            logger.warning("%s; preparing it again", error)
+            remove_folder(final)
+    with atomic_folder(final, replace=False) as temporary:
         write_tokenized(temporary, examples, tokenizer, template, max_length, max_prompt_length, progress)
     logger.info("prepared %d examples into %s", len(examples), final)
     return TokenizedDataset(final)

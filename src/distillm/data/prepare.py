@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from distillm.config import DataConfig
-from distillm.data.cache import TokenizedDataset, atomic_folder, write_tokenized
+from distillm.data.cache import TokenizedDataset, write_tokenized
 from distillm.data.formats import FORMATS, read_examples
 from distillm.data.tasks import FAMILIES, write_task_suite
 from distillm.data.template import TEMPLATES
 from distillm.errors import UserError
+from distillm.storage import atomic_folder
 
 logger = logging.getLogger(__name__)
 

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from distillm.data.cache import CACHE_VERSION, META_FILE, atomic_folder, tokenizer_fingerprint
+from distillm.data.cache import CACHE_VERSION, META_FILE, tokenizer_fingerprint
 from distillm.errors import UserError
+from distillm.storage import DamagedError, atomic_folder, remove_folder, require_intact
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ class PretrainChunks:
         self.folder = Path(folder)
         if not (self.folder / META_FILE).exists():
             raise UserError(f"{self.folder} is not a prepared pretraining corpus (no {META_FILE})")
+        require_intact(self.folder, "packed pretraining corpus", "Delete it to pack the corpus again")
         self.meta = json.loads((self.folder / META_FILE).read_text())
         self.from_cache = from_cache
         self._chunks = np.load(self.folder / "chunks.npy", mmap_mode="r")  # [N, chunk_length] int32
@@ -133,15 +135,20 @@ def prepare_pretrain(
     digest.update(_content_hash(path).encode())
     final = Path(cache_dir) / f"pretrain-{digest.hexdigest()[:24]}"
     if (final / META_FILE).exists():
-        logger.info("reusing the packed pretraining corpus in %s", final)
-        return PretrainChunks(final, from_cache=True)
+        try:
+            chunks = PretrainChunks(final, from_cache=True)
+            logger.info("reusing the packed pretraining corpus in %s", final)
+            return chunks
+        except DamagedError as error:
+            logger.warning("%s; packing it again", error)
+            remove_folder(final)
 
     chunks = pack_documents(_documents(path), tokenizer, chunk_length)
     if len(chunks) == 0:
         raise UserError(
             f"{path} is shorter than one chunk of {chunk_length} tokens; add text or lower the chunk length"
         )
-    with atomic_folder(final) as temporary:
+    with atomic_folder(final, replace=False) as temporary:
         np.save(temporary / "chunks.npy", chunks)
         meta = {
             "version": CACHE_VERSION,
