@@ -199,15 +199,15 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def batch_encoder(tokenizer):
     """``encode(documents) -> list[list[int]]`` without special tokens: the Rust tokenizer's batch call
-    (parallel over its threads, no offsets computed) for a fast tokenizer, else one ``encode`` per document."""
+    (parallel over its threads) for a fast tokenizer, else one ``encode`` per document."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         logger.warning(
             "%s is not a fast tokenizer: encoding one document at a time", type(tokenizer).__name__
         )
         return lambda documents: [tokenizer.encode(d, add_special_tokens=False) for d in documents]
-    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
-    return lambda documents: [e.ids for e in encode(documents, add_special_tokens=False)]
+    # encode_batch, not encode_batch_fast: skipping offsets measured no faster (benchmarks/README.md).
+    return lambda documents: [e.ids for e in backend.encode_batch(documents, add_special_tokens=False)]
 
 
 def _flatten_with_eos(ids: list[list[int]], eos: int, dtype: np.dtype) -> np.ndarray:
@@ -404,29 +404,29 @@ def pack_corpus(
     corpus.position = dict(state.position)
     corpus.stats = ReadStats(**state.stats)
 
+    from tqdm.auto import tqdm
+
+    writer = _ChunkWriter(partial, dtype, chunk_length, dev_chunks, max_chunks, state)
+    bar = tqdm(
+        total=dev_chunks + max_chunks if max_chunks is not None else None,
+        initial=state.train_chunks + state.dev_chunks,
+        unit="chunk",
+        desc="packing",
+        disable=not progress,
+    )
     try:
-        _pack(
-            corpus,
-            batch_encoder(tokenizer),
-            eos,
-            partial,
-            dtype,
-            chunk_length,
-            dev_chunks,
-            max_chunks,
-            state,
-            progress,
-            batch_chars,
-            checkpoint_every,
-        )
+        _pack(corpus, tokenizer, partial, writer, state, bar, batch_chars, checkpoint_every)
     except UserError:
         shutil.rmtree(partial, ignore_errors=True)  # bad input: nothing worth resuming
         raise
+    finally:
+        writer.close()
+        bar.close()
     if state.train_chunks == 0:
         shutil.rmtree(partial, ignore_errors=True)
         what = (
             "holds no documents"
-            if corpus.stats.documents == 0
+            if state.stats["documents"] == 0
             else (
                 f"gives {state.tokens} tokens, not enough for {dev_chunks} dev chunks and one train chunk of "
                 f"{chunk_length} tokens"
@@ -448,10 +448,10 @@ def pack_corpus(
         "tokenizer": settings["tokenizer"],
         "tokenizer_name": str(getattr(tokenizer, "name_or_path", "")),
         "source": corpus.describe(),
-        "documents": corpus.stats.documents,
+        "documents": state.stats["documents"],
         "tokens": state.tokens,
-        "invalid_lines_skipped": corpus.stats.invalid_lines,
-        "first_invalid_line": corpus.stats.first_invalid,
+        "invalid_lines_skipped": state.stats["invalid_lines"],
+        "first_invalid_line": state.stats["first_invalid"],
     }
     _write_json(partial / META_FILE, meta)
     (partial / PROGRESS_FILE).unlink()
@@ -468,52 +468,59 @@ def pack_corpus(
 
 
 def _pack(
-    corpus,
-    encode,
-    eos,
-    folder,
-    dtype,
-    chunk_length,
-    dev_chunks,
-    max_chunks,
-    state: _Progress,
-    progress,
-    batch_chars,
-    checkpoint_every,
+    corpus, tokenizer, folder: Path, writer: _ChunkWriter, state: _Progress, bar, batch_chars: int, every: int
 ) -> None:
-    from tqdm.auto import tqdm
+    """Encode the corpus batch by batch into ``writer``, checkpointing ``state`` every ``every`` batches.
 
-    writer = _ChunkWriter(folder, dtype, chunk_length, dev_chunks, max_chunks, state)
-    total = dev_chunks + max_chunks if max_chunks is not None else None
-    bar = tqdm(
-        total=total,
-        initial=state.train_chunks + state.dev_chunks,
-        unit="chunk",
-        desc="packing",
-        disable=not progress,
-    )
+    The Rust tokenizer releases the GIL, so a worker thread encodes batch k + 1 while this thread reads the
+    documents of batch k + 2 and packs and writes batch k: reading and writing hide behind the tokenizer
+    (benchmarks/pretrain_prepare.py). At most three batches are in memory at once.
+    """
+    from concurrent.futures import ThreadPoolExecutor
 
-    def checkpoint() -> None:
-        writer.sync()
-        state.position, state.stats = dict(corpus.position), asdict(corpus.stats)
-        state.carry = writer.carry.tolist()
-        _write_json(folder / PROGRESS_FILE, asdict(state))
+    encode, eos = batch_encoder(tokenizer), tokenizer.eos_token_id
 
-    try:
-        checkpoint()
+    def encode_stream(batch: list[str]) -> np.ndarray:
+        return _flatten_with_eos(encode(batch), eos, writer.dtype)
+
+    def write(stream: np.ndarray, position: dict[str, int], stats: dict[str, Any], number: int) -> bool:
+        state.tokens += len(stream)
+        bar.update(writer.add(stream))
+        state.stats = stats  # what was read to make the chunks written so far
+        if writer.full:
+            return True
+        if number % every == 0:
+            _checkpoint(folder, writer, state, position, stats)
+            bar.set_postfix(documents=stats["documents"], refresh=False)
+        return False
+
+    _checkpoint(folder, writer, state, dict(corpus.position), asdict(corpus.stats))
+    pending = None  # (future stream, corpus position and stats after its batch, batch number)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="distillm-encode") as pool:
         for number, batch in enumerate(_batches(corpus.documents(), batch_chars), 1):
-            stream = _flatten_with_eos(encode(batch), eos, dtype)
-            state.tokens += len(stream)
-            bar.update(writer.add(stream))
-            if writer.full:
-                break
-            if number % checkpoint_every == 0:
-                checkpoint()
-                bar.set_postfix(documents=corpus.stats.documents, refresh=False)
-        writer.sync()
-    finally:
-        writer.close()
-        bar.close()
+            submitted = (
+                pool.submit(encode_stream, batch),
+                dict(corpus.position),
+                asdict(corpus.stats),
+                number,
+            )
+            if pending is not None:
+                future, position, stats, done = pending
+                if write(future.result(), position, stats, done):
+                    submitted[0].cancel()
+                    return
+            pending = submitted
+        if pending is not None:
+            future, position, stats, done = pending
+            write(future.result(), position, stats, done)
+    writer.sync()
+
+
+def _checkpoint(folder: Path, writer: _ChunkWriter, state: _Progress, position, stats) -> None:
+    """Make the chunks written so far durable, then record how far the corpus was read to make them."""
+    writer.sync()
+    state.position, state.stats, state.carry = position, stats, writer.carry.tolist()
+    _write_json(folder / PROGRESS_FILE, asdict(state))
 
 
 def _move_into_place(partial: Path, out: Path) -> None:
