@@ -364,20 +364,11 @@ def pack_corpus(
     ``max_chunks`` counts train chunks (the original's ``train_num``; None: the whole corpus); the
     ``dev_chunks`` dev chunks come first and on top. ``out`` must not hold anything unless ``force``.
     """
+    from tqdm.auto import tqdm
+
     out = Path(out)
-    _check_chunk_length(chunk_length)
-    if dev_chunks < 0 or (max_chunks is not None and max_chunks < 1):
-        raise UserError(f"dev chunks {dev_chunks} / max chunks {max_chunks}: need dev >= 0 and max >= 1")
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise UserError(
-            f"the tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no EOS token, which separates "
-            "the packed documents; set tokenizer.eos_token (and save it) first"
-        )
-    if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out} already exists and is not empty; pass --force to replace it")
-    vocab = len(tokenizer)
-    dtype = token_dtype(vocab)
+    _check_inputs(tokenizer, out, chunk_length, dev_chunks, max_chunks, force)
+    dtype = token_dtype(len(tokenizer))
     settings = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -388,24 +379,8 @@ def pack_corpus(
         "max_chunks": max_chunks,
         "skip_invalid": getattr(corpus, "skip_invalid", False),
     }
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     partial = out.parent / f".{out.name}.partial"
-    state = _open_partial(partial, key, chunk_length * dtype.itemsize)
-    if state is None:
-        partial.mkdir(parents=True)
-        state = _Progress(key=key, position=dict(corpus.position), stats=asdict(corpus.stats))
-    else:
-        logger.info(
-            "resuming the preparation in %s after %d documents (%d chunks)",
-            partial,
-            state.stats["documents"],
-            state.train_chunks + state.dev_chunks,
-        )
-    corpus.position = dict(state.position)
-    corpus.stats = ReadStats(**state.stats)
-
-    from tqdm.auto import tqdm
-
+    state = _start_or_resume(partial, settings, corpus, chunk_length * dtype.itemsize)
     writer = _ChunkWriter(partial, dtype, chunk_length, dev_chunks, max_chunks, state)
     bar = tqdm(
         total=dev_chunks + max_chunks if max_chunks is not None else None,
@@ -416,55 +391,86 @@ def pack_corpus(
     )
     try:
         _pack(corpus, tokenizer, partial, writer, state, bar, batch_chars, checkpoint_every)
+        meta = _meta(settings, state, dtype, tokenizer, corpus.describe())
     except UserError:
         shutil.rmtree(partial, ignore_errors=True)  # bad input: nothing worth resuming
         raise
     finally:
         writer.close()
         bar.close()
+    _write_json(partial / META_FILE, meta)  # the mark of a complete folder, written last
+    (partial / PROGRESS_FILE).unlink()
+    _move_into_place(partial, out)
+    logger.info(
+        "packed %s: %d train + %d dev chunks in %s", meta["source"], state.train_chunks, state.dev_chunks, out
+    )
+    return meta
+
+
+def _check_inputs(tokenizer, out: Path, chunk_length: int, dev_chunks: int, max_chunks, force: bool) -> None:
+    _check_chunk_length(chunk_length)
+    if dev_chunks < 0:
+        raise UserError(f"--dev-chunks {dev_chunks} is invalid: must be >= 0")
+    if max_chunks is not None and max_chunks < 1:
+        raise UserError(f"--max-chunks {max_chunks} is invalid: must be >= 1 (or left out: the whole corpus)")
+    if tokenizer.eos_token_id is None:
+        raise UserError(
+            f"the tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no EOS token, which separates "
+            "the packed documents; set tokenizer.eos_token (and save it) first"
+        )
+    if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out} already exists and is not empty; pass --force to replace it")
+
+
+def _start_or_resume(partial: Path, settings: dict[str, Any], corpus, chunk_bytes: int) -> _Progress:
+    """The checkpoint of an interrupted run with these settings, with ``corpus`` moved to its position; or
+    a fresh partial folder."""
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+    state = _open_partial(partial, key, chunk_bytes)
+    if state is None:
+        partial.mkdir(parents=True)
+        return _Progress(key=key, position=dict(corpus.position), stats=asdict(corpus.stats))
+    logger.info(
+        "resuming the preparation in %s after %d documents (%d chunks)",
+        partial,
+        state.stats["documents"],
+        state.train_chunks + state.dev_chunks,
+    )
+    corpus.position = dict(state.position)
+    corpus.stats = ReadStats(**state.stats)
+    return state
+
+
+def _meta(
+    settings: dict[str, Any], state: _Progress, dtype: np.dtype, tokenizer, source: str
+) -> dict[str, Any]:
+    """The finished folder's ``meta.json``; an error if the corpus gave no train chunk."""
     if state.train_chunks == 0:
-        shutil.rmtree(partial, ignore_errors=True)
         what = (
             "holds no documents"
             if state.stats["documents"] == 0
-            else (
-                f"gives {state.tokens} tokens, not enough for {dev_chunks} dev chunks and one train chunk of "
-                f"{chunk_length} tokens"
-            )
+            else f"gives {state.tokens} tokens, not enough for {settings['dev_chunks']} dev chunks and one "
+            f"train chunk of {settings['chunk_length']} tokens"
         )
-        raise UserError(
-            f"the corpus {corpus.describe()} {what}; add text, or lower --chunk-length / --dev-chunks"
-        )
-    meta = {
+        raise UserError(f"the corpus {source} {what}; add text, or lower --chunk-length / --dev-chunks")
+    return {
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "dtype": dtype.name,
-        "chunk_length": chunk_length,
+        "chunk_length": settings["chunk_length"],
         "train_chunks": state.train_chunks,
         "dev_chunks": state.dev_chunks,
-        "max_chunks": max_chunks,
-        "vocab_size": vocab,
-        "eos_token_id": eos,
+        "max_chunks": settings["max_chunks"],
+        "vocab_size": len(tokenizer),
+        "eos_token_id": tokenizer.eos_token_id,
         "tokenizer": settings["tokenizer"],
         "tokenizer_name": str(getattr(tokenizer, "name_or_path", "")),
-        "source": corpus.describe(),
+        "source": source,
         "documents": state.stats["documents"],
         "tokens": state.tokens,
         "invalid_lines_skipped": state.stats["invalid_lines"],
         "first_invalid_line": state.stats["first_invalid"],
     }
-    _write_json(partial / META_FILE, meta)
-    (partial / PROGRESS_FILE).unlink()
-    _move_into_place(partial, out)
-    logger.info(
-        "packed %s into %d train + %d dev chunks of %d tokens in %s",
-        corpus.describe(),
-        state.train_chunks,
-        state.dev_chunks,
-        chunk_length,
-        out,
-    )
-    return meta
 
 
 def _pack(
