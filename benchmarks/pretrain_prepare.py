@@ -62,11 +62,13 @@ def write_corpus(path: Path, size: int, seed: int = 0) -> int:
             ends = np.cumsum(np.maximum(rng.lognormal(6.5, 0.8, _BLOCK_WORDS // 200).astype(int), 5))
             ends = ends[ends < _BLOCK_WORDS]
             separators[ends] = ".\n"
-            documents += len(ends)
             text = "".join(w + s for w, s in zip(words.tolist(), separators.tolist()))
-            text = text[: text.rfind("\n", 0, max(size - written, 1)) + 1 or text.rfind("\n") + 1]
+            text = text[: text.rfind("\n", 0, size - written) + 1]  # whole documents, up to the size
+            if not text:
+                break
             handle.write(text)
             written += len(text)
+            documents += text.count("\n")
     return documents
 
 
