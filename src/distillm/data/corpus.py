@@ -42,15 +42,19 @@ class ReadStats:
     first_invalid: str | None = None  # "file:line" of the first dropped line, for the report
 
 
+def _not_utf8(where: str) -> UserError:
+    return UserError(
+        f"{where}: bytes that are not valid UTF-8; save the file as UTF-8, or skip such lines "
+        "(`--skip-invalid-utf8`, or `skip_invalid=True`)"
+    )
+
+
 def _decode_line(raw: bytes, where: str, skip_invalid: bool, stats: ReadStats) -> str | None:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
         if not skip_invalid:
-            raise UserError(
-                f"{where}: bytes that are not valid UTF-8; save the file as UTF-8, or skip such lines "
-                "(`--skip-invalid-utf8`, or `skip_invalid=True`)"
-            ) from None
+            raise _not_utf8(where) from None
         stats.invalid_lines += 1
         stats.first_invalid = stats.first_invalid or where
         return None
@@ -156,7 +160,7 @@ class TextCorpus:
         except UnicodeDecodeError as error:
             if not self.skip_invalid:
                 line = raw[: error.start].count(b"\n") + 1
-                _decode_line(b"\xff", f"{path}:{line}", False, self.stats)  # raises, naming file and line
+                raise _not_utf8(f"{path}:{line}") from None
             pieces = [
                 _decode_line(piece, f"{path}:{number}", True, self.stats)
                 for number, piece in enumerate(raw.split(b"\n"), 1)
