@@ -1,6 +1,6 @@
 """Throughput and peak memory of `distillm prepare-pretrain` against the fast tokenizer's own batch call.
 
-For each corpus size, synthetic text is written to a temporary folder as 16 MB parts (one document per
+For each corpus size, synthetic text is written to a temporary folder in parts (`--part`, 16 MB) (one document per
 line with the original's `<@x(x!>` paragraph marker; Zipf-distributed words from a 50,000-word vocabulary;
 documents of log-normal length around 900 words, like OpenWebText). Then, in child processes:
 
@@ -20,6 +20,7 @@ offsets), interleaved with `encode_batch` batch by batch.
 
     python benchmarks/pretrain_prepare.py                          # 100 MB and 1 GB, 1 thread
     python benchmarks/pretrain_prepare.py --sizes 30M,100M --threads 2
+    python benchmarks/pretrain_prepare.py --sizes 30M,300M --compare 30M --part 4M   # a loaded machine
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ from pathlib import Path
 
 WORDS = 50_000
 _BLOCK_WORDS = 2_000_000  # about 15 MB of text generated at a time
-_PART_BYTES = 16_000_000
 
 
 def _parse_size(text: str) -> int:
@@ -45,7 +45,7 @@ def _parse_size(text: str) -> int:
     return int(float(text[:-1]) * units[suffix]) if suffix in units else int(text)
 
 
-def write_corpus(folder: Path, size: int, seed: int = 0) -> int:
+def write_corpus(folder: Path, size: int, seed: int = 0, part_bytes: int = 16_000_000) -> int:
     """Write about ``size`` bytes of synthetic documents to ``folder/part-*.txt``; returns the documents."""
     import numpy as np
 
@@ -64,7 +64,7 @@ def write_corpus(folder: Path, size: int, seed: int = 0) -> int:
         ends = np.cumsum(np.maximum(rng.lognormal(6.5, 0.8, _BLOCK_WORDS // 200).astype(int), 5))
         separators[ends[ends < _BLOCK_WORDS]] = ".\n"
         text = "".join(w + s for w, s in zip(vocabulary[ranks].tolist(), separators.tolist()))
-        text = text[: text.rfind("\n", 0, min(size - written, _PART_BYTES)) + 1]  # whole documents
+        text = text[: text.rfind("\n", 0, min(size - written, part_bytes)) + 1]  # whole documents
         if not text:
             break
         (folder / f"part-{parts:05d}.txt").write_text(text, encoding="utf-8")
@@ -154,8 +154,14 @@ def _print_table(rows) -> None:
     peaks = []
     for megabytes, prepared, compared in rows:
         tokens = prepared["tokens"]
-        rates = {name: tokens / seconds for name, seconds in compared["seconds"].items()}
         peaks.append(prepared["peak"])
+        if compared is None:
+            print(
+                f"| {megabytes:.0f} MB | {tokens:,} | {tokens / prepared['seconds']:,.0f} tok/s | - | - | - | "
+                f"{prepared['peak'] / 2**20:.0f} MiB | {prepared['base'] / 2**20:.0f} MiB |"
+            )
+            continue
+        rates = {name: tokens / seconds for name, seconds in compared["seconds"].items()}
         print(
             f"| {megabytes:.0f} MB | {tokens:,} | {tokens / prepared['seconds']:,.0f} tok/s | "
             f"{rates['prepare']:,.0f} tok/s | {rates['encode_batch']:,.0f} tok/s | "
@@ -176,6 +182,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="Tokenizer threads (RAYON_NUM_THREADS).")
     parser.add_argument("--vocab", type=int, default=16384, help="Vocabulary of the trained BPE tokenizer.")
     parser.add_argument("--fast", action="store_true", help="Also time encode_batch_fast.")
+    parser.add_argument(
+        "--compare", default=None, help="Sizes (of --sizes) to run the comparison on (default: all)."
+    )
+    parser.add_argument("--part", default="16M", help="Size of the corpus parts (the comparison's unit).")
     parser.add_argument("--tmp", default=None, help="Where the corpora go (default: the system temp folder).")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -193,7 +203,7 @@ def main() -> None:
         for label in args.sizes.split(","):
             corpus = folder / f"corpus-{label}"
             start = time.perf_counter()
-            documents = write_corpus(corpus, _parse_size(label))
+            documents = write_corpus(corpus, _parse_size(label), part_bytes=_parse_size(args.part))
             megabytes = sum(p.stat().st_size for p in _parts(corpus)) / 1e6
             print(
                 f"{label}: {megabytes:.0f} MB, {documents} documents, written in {time.perf_counter() - start:.0f} s"
@@ -206,11 +216,13 @@ def main() -> None:
             paths = [str(corpus), str(tokenizer_dir), str(out)]
             prepared = _run_child(["prepare", *paths], args.threads)
             shutil.rmtree(out)
-            print(f"  prepared; load {os.getloadavg()[0]:.2f}")
-            compared = _run_child(["compare", *paths, "1" if args.fast else "0"], args.threads)
+            print(f"  prepare: {json.dumps(prepared)}; load {os.getloadavg()[0]:.2f}")
+            compared = None
+            if args.compare is None or label in args.compare.split(","):
+                compared = _run_child(["compare", *paths, "1" if args.fast else "0"], args.threads)
+                assert prepared["tokens"] == compared["tokens"]["prepare"] == compared["tokens"]["encode"]
+                print(f"  compare: {json.dumps(compared)}; load {os.getloadavg()[0]:.2f}")
             shutil.rmtree(corpus)
-            assert prepared["tokens"] == compared["tokens"]["prepare"] == compared["tokens"]["encode"]
-            print(f"  compared; load {os.getloadavg()[0]:.2f}")
             rows.append((megabytes, prepared, compared))
     print(f"\nload average after: {os.getloadavg()[0]:.2f} (1 min), {os.getloadavg()[1]:.2f} (5 min)")
     _print_table(rows)

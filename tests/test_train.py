@@ -166,7 +166,13 @@ def _final_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 RESUMABLE = {
-    "kd": ["objective.divergence=skew_forward_kl", "objective.kd_ratio=0.7"],
+    # KD with the pretraining LM term: its cursor in the corpus (which wraps around every 10 steps) is resumed
+    # too.
+    "kd-pretrain": [
+        "objective.divergence=skew_forward_kl",
+        "objective.kd_ratio=0.7",
+        "objective.lm_coef=0.5",
+    ],
     # phi > 0 from the start and a small buffer: the checkpoint holds a non-empty buffer, and later steps
     # draw fresh samples and replays from it.
     "distillm": [
@@ -177,8 +183,6 @@ RESUMABLE = {
         "sources.capacity=6",
         "generation.max_new_tokens=6",
     ],
-    # The pretraining LM term: its cursor in the corpus (which wraps around every 10 steps) is resumed too.
-    "kd-pretrain": ["objective.divergence=forward_kl", "objective.kd_ratio=0.5", "objective.lm_coef=0.5"],
 }
 
 
