@@ -395,7 +395,7 @@ def test_a_killed_preparation_leaves_nothing_training_accepts_and_a_rerun_resume
     assert not partial.exists() and not (out / "progress.json").exists()
 
 
-@pytest.mark.parametrize("source", ["text", "hub"])
+@pytest.mark.parametrize("source", ["text", "gzip", "hub"])
 def test_a_preparation_that_fails_mid_way_resumes_to_the_same_chunks(
     tiny_tokenizer, tmp_path, monkeypatch, source
 ):
@@ -409,8 +409,13 @@ def test_a_preparation_that_fails_mid_way_resumes_to_the_same_chunks(
         lambda *a, **k: datasets.Dataset.from_dict({"text": documents}).to_iterable_dataset(),
     )
 
-    def corpus():
-        return TextCorpus([corpus_file]) if source == "text" else HubCorpus.parse("local/corpus")
+    with gzip.open(tmp_path / "corpus.txt.gz", "wb") as handle:
+        handle.write(corpus_file.read_bytes())
+
+    def corpus():  # a gzip'd file resumes at its uncompressed offset, a hub stream by skipping rows
+        if source == "hub":
+            return HubCorpus.parse("local/corpus")
+        return TextCorpus([corpus_file if source == "text" else tmp_path / "corpus.txt.gz"])
 
     settings = {"dev_chunks": 1, "max_chunks": 12, "batch_chars": 30, "checkpoint_every": 2}
     add, calls = pretrain_module._ChunkWriter.add, [0]
