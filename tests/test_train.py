@@ -168,7 +168,13 @@ def _final_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 RESUMABLE = {
-    "kd": ["objective.divergence=skew_forward_kl", "objective.kd_ratio=0.7"],
+    # KD with the pretraining LM term: its cursor in the corpus (which wraps around every 10 steps) is resumed
+    # too.
+    "kd-pretrain": [
+        "objective.divergence=skew_forward_kl",
+        "objective.kd_ratio=0.7",
+        "objective.lm_coef=0.5",
+    ],
     # phi > 0 from the start and a small buffer: the checkpoint holds a non-empty buffer, and later steps
     # draw fresh samples and replays from it.
     "distillm": [
@@ -182,14 +188,27 @@ RESUMABLE = {
 }
 
 
+@pytest.fixture(scope="module")
+def pretrain_folder(tmp_path_factory, task_data, tiny_tokenizer):
+    """A corpus prepared by ``pack_corpus``: 40 chunks of 16 tokens from the task suite's responses."""
+    from distillm.data import pack_corpus
+    from distillm.data.corpus import TextCorpus
+
+    folder = tmp_path_factory.mktemp("pretrain")
+    rows = [json.loads(line) for line in (task_data / "train.jsonl").read_text().splitlines()]
+    (folder / "corpus.txt").write_text("".join(f"{row['instruction']} {row['response']}\n" for row in rows))
+    pack_corpus(TextCorpus([folder / "corpus.txt"]), tiny_tokenizer, folder / "prepared", 16, max_chunks=40)
+    return folder / "prepared"
+
+
 @pytest.mark.parametrize("method", sorted(RESUMABLE))
 def test_a_run_killed_mid_way_resumes_to_the_same_weights(
-    method, task_data, tiny_student_dir, tiny_teacher_dir, tmp_path
+    method, task_data, tiny_student_dir, tiny_teacher_dir, tmp_path, request
 ):
     """SIGKILL a real training process after its first checkpoint, restart it: same final weights, bit for bit.
 
     The student has dropout on, so this also checks that every RNG state is restored; with DistiLLM's
-    sources, that the replay buffer, phi and the coin are."""
+    sources, that the replay buffer, phi and the coin are; with the LM term, the position in its corpus."""
     from distillm.checkpoint import list_checkpoints, load_trainer_state
 
     steps = 30
@@ -199,6 +218,8 @@ def test_a_run_killed_mid_way_resumes_to_the_same_weights(
         "train.eval_every": 10,
         "train.keep_checkpoints": 10,
     }
+    if method == "kd-pretrain":
+        base["data.pretrain"] = request.getfixturevalue("pretrain_folder")
 
     def command(out, resume=False):
         overrides = tiny_overrides(task_data, tiny_student_dir, tiny_teacher_dir, out, **base)
@@ -223,6 +244,8 @@ def test_a_run_killed_mid_way_resumes_to_the_same_weights(
     if method == "distillm":
         state = load_trainer_state(saved[-1])["processes"][0]["sources"]
         assert state["phi"] > 0 and len(state["buffer"]["samples"]) > 0
+    if method == "kd-pretrain":
+        assert load_trainer_state(saved[-1])["train"]["pretrain"][1] > 0  # killed inside the corpus
 
     resumed = subprocess.run(command(killed, resume=True), env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -238,6 +261,19 @@ def test_a_run_killed_mid_way_resumes_to_the_same_weights(
     if method == "distillm":
         used = {source for r in reference_rows for source in r["sources"].split(",")}
         assert {"fresh", "replay"} <= used
+
+
+def test_pretrain_chunks_longer_than_the_students_positions_are_refused(tiny_student_dir):
+    from distillm.models import load_causal_lm
+    from distillm.train import check_pretrain_positions
+
+    student = load_causal_lm(str(tiny_student_dir))
+    positions = student.config.n_positions
+    check_pretrain_positions(student, positions + 1, "corpus")  # inputs are C - 1 tokens: this fits
+    with pytest.raises(
+        UserError, match=rf"inputs of {positions + 1}, more than the student's {positions} positions"
+    ):
+        check_pretrain_positions(student, positions + 2, "corpus")
 
 
 def test_resume_without_a_checkpoint_is_refused(task_data, tiny_student_dir, tmp_path, capsys):

@@ -81,6 +81,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 _register("train", "distillm.train", "Train a teacher or a student (SFT, KD, SeqKD, ImitKD, GKD, DistiLLM).")
 _register("prepare", "distillm.data.prepare", "Tokenize a dataset, or write the bundled task suite.")
+_register(
+    "prepare-pretrain",
+    "distillm.data.pretrain",
+    "Pack a text corpus (files, folders, .gz, a hub dataset) into chunks for the pretraining LM term.",
+)
 _register("generate", "distillm.seqkd", "Sample responses to a dataset's prompts (SeqKD data).")
 _register(
     "evaluate",

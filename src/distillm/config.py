@@ -133,7 +133,9 @@ class DataConfig:
     max_length: int = _field(512, "Maximum prompt + response tokens (the response ends in EOS).")
     max_prompt_length: int = _field(256, "Maximum prompt tokens; longer prompts are cut from the left.")
     pretrain: str | None = _field(
-        None, "Plain-text corpus for the pretraining LM term (one document per line, or a folder of .txt)."
+        None,
+        "Corpus of the pretraining LM term: a folder from `distillm prepare-pretrain`, MiniLLM's .bin/.idx "
+        "(folder or prefix), or a small text file / folder of .txt packed into the cache at max_length.",
     )
     cache_dir: str | None = _field(None, "Where prepared data is cached; null uses <output_dir>/../.cache.")
 

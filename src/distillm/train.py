@@ -82,16 +82,20 @@ class BatchOrder:
     seed: int
     rank: int = 0
     world_size: int = 1
+    _epoch_order: tuple[int, torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def batches_per_epoch(self) -> int:
         return self.num_rows // (self.batch_size * self.world_size)  # drop the incomplete last batch
 
     def indices(self, epoch: int, index: int) -> list[int]:
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        order = torch.randperm(self.num_rows, generator=generator)
+        # One permutation per epoch, kept: a 10M-chunk pretraining corpus would otherwise redraw 80 MB of
+        # indices for every micro-batch.
+        if self._epoch_order is None or self._epoch_order[0] != epoch:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._epoch_order = (epoch, torch.randperm(self.num_rows, generator=generator))
         start = (index * self.world_size + self.rank) * self.batch_size
-        return order[start : start + self.batch_size].tolist()
+        return self._epoch_order[1][start : start + self.batch_size].tolist()
 
 
 @dataclass
@@ -396,7 +400,7 @@ class TrainingData:
 
 def load_data(config: Config, tokenizer, cache_dir: Path) -> TrainingData:
     """Read, split, tokenize (cached) the instruction data and, if configured, the pretraining corpus."""
-    from distillm.data import prepare_dataset, prepare_pretrain, read_examples, split_dev
+    from distillm.data import load_pretrain, prepare_dataset, read_examples, split_dev
 
     d = config.data
     examples, _ = read_examples(d.train, d.format)
@@ -418,8 +422,25 @@ def load_data(config: Config, tokenizer, cache_dir: Path) -> TrainingData:
 
     train = prepare(train_rows)
     dev = prepare(dev_rows) if dev_rows else None
-    pretrain = prepare_pretrain(d.pretrain, tokenizer, d.max_length, cache_dir) if d.pretrain else None
+    # A prepared folder or MiniLLM's .bin/.idx keeps its own chunk length; a text file is cut at max_length.
+    pretrain = load_pretrain(d.pretrain, tokenizer, d.max_length, cache_dir) if d.pretrain else None
     return TrainingData(train=train, dev=dev, dev_examples=list(dev_rows), pretrain=pretrain)
+
+
+def check_pretrain_positions(student, chunk_length: int, source: str) -> None:
+    """Refuse pretraining chunks longer than the student's position embeddings (inputs are C - 1 tokens)."""
+    from distillm.models import unwrap_peft
+
+    model_config = unwrap_peft(student).config
+    positions = getattr(model_config, "n_positions", None) or getattr(
+        model_config, "max_position_embeddings", None
+    )
+    if isinstance(positions, int) and chunk_length - 1 > positions:
+        raise UserError(
+            f"data.pretrain={source}: chunks of {chunk_length} tokens give inputs of {chunk_length - 1}, more "
+            f"than the student's {positions} positions; prepare the corpus with --chunk-length {positions + 1} "
+            "or less (a text file is cut at data.max_length)"
+        )
 
 
 def total_optimizer_steps(config: Config, order: BatchOrder) -> int:
@@ -562,6 +583,8 @@ def _train(config: Config, stop: GracefulStop) -> TrainResult:
         tokenizer, student, teacher, vocab_size = load_models(config, accelerator.device)
     with accelerator.main_process_first():  # one process tokenizes into the cache, the others reuse it
         data = load_data(config, tokenizer, cache_dir)
+    if data.pretrain is not None:
+        check_pretrain_positions(student, data.pretrain.chunk_length, config.data.pretrain)
     from distillm.data import collate
 
     order = BatchOrder(

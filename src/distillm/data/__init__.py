@@ -4,7 +4,14 @@ the pretraining corpus, and the bundled task suite. See docs/data.md."""
 from distillm.data.cache import TokenizedDataset, prepare_dataset, tokenizer_fingerprint
 from distillm.data.encode import collate, encode_example, encode_prompt
 from distillm.data.formats import FORMATS, Example, ReadReport, read_examples, split_dev
-from distillm.data.pretrain import PretrainChunks, collate_chunks, prepare_pretrain
+from distillm.data.indexed import IndexedInstructionData, IndexedPretrainChunks
+from distillm.data.pretrain import (
+    PretrainChunks,
+    collate_chunks,
+    load_pretrain,
+    pack_corpus,
+    prepare_pretrain,
+)
 from distillm.data.tasks import generate_task_suite, write_task_suite
 from distillm.data.template import ALPACA_NO_INPUT, ALPACA_WITH_INPUT, TEMPLATES, render_prompt
 
@@ -12,6 +19,8 @@ __all__ = [
     "ALPACA_NO_INPUT",
     "ALPACA_WITH_INPUT",
     "FORMATS",
+    "IndexedInstructionData",
+    "IndexedPretrainChunks",
     "TEMPLATES",
     "Example",
     "PretrainChunks",
@@ -22,6 +31,8 @@ __all__ = [
     "encode_example",
     "encode_prompt",
     "generate_task_suite",
+    "load_pretrain",
+    "pack_corpus",
     "prepare_dataset",
     "prepare_pretrain",
     "read_examples",
