@@ -28,6 +28,7 @@ from distillm.data import (
 )
 from distillm.data.corpus import NEWLINE_MARKER, HubCorpus, TextCorpus
 from distillm.errors import UserError
+from distillm.storage import write_manifest
 
 DOCS = ["alpha beta gamma delta", "apple banana cherry river mountain ocean", "one two three four five six"]
 WORDS = "alpha beta gamma delta apple banana cherry river mountain ocean red green blue one two three".split()
@@ -459,7 +460,8 @@ def test_a_damaged_prepared_folder_is_refused(tiny_tokenizer, tmp_path):
     pack_corpus(TextCorpus([tmp_path / "corpus.txt"]), tiny_tokenizer, tmp_path / "out", 5)
     with open(tmp_path / "out" / "train.bin", "r+b") as handle:
         handle.truncate(6)
-    with pytest.raises(UserError, match=r"train.bin: 6 bytes, but meta.json says \d+ chunks of 5 uint16 ids"):
+    # The folder's manifest (docs/faults.md) catches it first, naming the file and both sizes.
+    with pytest.raises(UserError, match=r"out is damaged: .*train.bin: 6 bytes, the manifest says \d+"):
         PretrainChunks(tmp_path / "out")
 
 
@@ -527,5 +529,6 @@ def test_a_prepared_folder_made_with_another_vocabulary_is_refused(tiny_tokenize
     meta = json.loads((tmp_path / "out" / "meta.json").read_text())
     meta["vocab_size"] = 50257
     (tmp_path / "out" / "meta.json").write_text(json.dumps(meta))
+    write_manifest(tmp_path / "out")  # as a folder really prepared with that tokenizer would be
     with pytest.raises(UserError, match=rf"a tokenizer of 50257 tokens .* has {len(tiny_tokenizer)} tokens"):
         load_pretrain(tmp_path / "out", tiny_tokenizer)

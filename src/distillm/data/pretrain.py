@@ -68,7 +68,9 @@ class PretrainChunks:
                 f"{self.folder} is not a prepared pretraining corpus (no {META_FILE}); "
                 "run `distillm prepare-pretrain`"
             )
-        require_intact(self.folder, "prepared pretraining corpus", "Prepare it again (distillm prepare-pretrain)")
+        require_intact(
+            self.folder, "prepared pretraining corpus", "Prepare it again (distillm prepare-pretrain)"
+        )
         self.meta: dict[str, Any] = json.loads(meta_path.read_text())
         if self.meta.get("format") != FORMAT or self.meta.get("version") != FORMAT_VERSION:
             raise UserError(
