@@ -93,39 +93,18 @@ def _decode(
     generator: torch.Generator | None,
 ) -> Tensor:
     """The decoding loop of :func:`sample` (already under inference mode). Returns ``[B, N]``."""
-    batch_size, prompt_len = prompt_ids.shape
-    last_logits = _LastLogits.for_model(model, capacity=prompt_len + config.max_new_tokens)
-    device = prompt_ids.device
+    batch_size = prompt_ids.shape[0]
     max_new = config.max_new_tokens
-    prompt_mask = prompt_attention_mask.to(device=device, dtype=torch.long)
-
-    # Without padding the attention mask can be left out, which lets SDPA use its causal fast path.
-    has_padding = not bool(prompt_mask.all())
-    full_mask = (
-        torch.cat([prompt_mask, prompt_mask.new_ones(batch_size, max_new)], dim=1) if has_padding else None
-    )
-    # Left padding: the first real token sits at position 0 (HF's convention), padding gets a harmless 0.
-    positions = (prompt_mask.cumsum(-1) - 1).clamp_min(0)  # [B, P]
-    next_position = positions[:, -1:] + 1  # [B, 1]
-
+    run = _DecodingRun(model, prompt_ids, prompt_attention_mask, max_new, config.pack_weights)
     banned = (
-        _NgramBan(config.no_repeat_ngram_size, prompt_ids, prompt_mask)
+        _NgramBan(config.no_repeat_ngram_size, prompt_ids, run.prompt_mask)
         if config.no_repeat_ngram_size
         else None
     )
     response = prompt_ids.new_full((batch_size, max_new), pad_token_id)  # [B, N]
-    finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    finished = torch.zeros(batch_size, dtype=torch.bool, device=prompt_ids.device)
 
-    logits, cache = last_logits(
-        prompt_ids, full_mask[:, :prompt_len] if has_padding else None, positions, None
-    )
-    if config.pack_weights and max_new >= _MIN_STEPS_TO_PACK and last_logits.fast is not None:
-        # After the prefill: its wide products gain nothing from the packed layout.
-        last_logits.fast.pack_weights(batch_size, head=last_logits.head)
-    if has_padding and last_logits.sdpa_bool_masks:
-        # Decoding steps get the [B, 1, 1, KV] boolean mask SDPA uses (True = attend), sliced from one
-        # tensor: transformers passes a 4D mask through, so it skips building the mask at every step.
-        full_mask = full_mask.bool()[:, None, None, :]
+    logits = run.prefill()
     steps = 0
     for step in range(max_new):
         if banned is not None:
@@ -140,10 +119,61 @@ def _decode(
         # One device sync per step, like `generate`'s stopping check; cheap next to a forward pass.
         if step == max_new - 1 or bool(finished.all()):
             break
-        mask = full_mask[..., : prompt_len + step + 1] if has_padding else None
-        logits, cache = last_logits(token[:, None], mask, next_position, cache)
-        next_position = next_position + 1
+        logits = run.step(token)
     return response[:, :steps]
+
+
+class _DecodingRun:
+    """One model's side of a decoding loop over left-padded prompts: its KV cache, mask and positions.
+
+    :meth:`prefill` runs the prompts and returns the logits ``[B, V]`` (float32) that predict the first new
+    token; each :meth:`step` feeds one token per row and returns the logits for the next. Positions follow
+    the attention mask (the first real token of a row is at position 0, Hugging Face's convention for
+    left padding), for every family: RoPE models would otherwise see the padding as positions.
+    """
+
+    def __init__(
+        self, model: nn.Module, prompt_ids: Tensor, prompt_attention_mask: Tensor, max_new: int, pack: bool
+    ):
+        batch_size, self.prompt_len = prompt_ids.shape
+        self.prompt_ids = prompt_ids
+        self.last_logits = _LastLogits.for_model(model, capacity=self.prompt_len + max_new)
+        self.prompt_mask = prompt_attention_mask.to(device=prompt_ids.device, dtype=torch.long)  # [B, P]
+        self.pack = pack and max_new >= _MIN_STEPS_TO_PACK
+        # Without padding the attention mask can be left out, which lets SDPA use its causal fast path.
+        self.has_padding = not bool(self.prompt_mask.all())
+        self.full_mask: Tensor | None = (
+            torch.cat([self.prompt_mask, self.prompt_mask.new_ones(batch_size, max_new)], dim=1)
+            if self.has_padding
+            else None
+        )  # [B, P + N]
+        # Left padding: the first real token sits at position 0 (HF's convention), padding gets a harmless 0.
+        self.positions = (self.prompt_mask.cumsum(-1) - 1).clamp_min(0)  # [B, P]
+        self.next_position = self.positions[:, -1:] + 1  # [B, 1]
+        self.cache: Any = None
+        self.steps = 0
+
+    def prefill(self) -> Tensor:
+        """Run the prompts; returns the logits ``[B, V]`` at each row's last prompt position."""
+        prompt_mask = self.full_mask[:, : self.prompt_len] if self.full_mask is not None else None
+        logits, self.cache = self.last_logits(self.prompt_ids, prompt_mask, self.positions, None)
+        fast = self.last_logits.fast
+        if self.pack and fast is not None:
+            # After the prefill: its wide products gain nothing from the packed layout.
+            fast.pack_weights(self.prompt_ids.shape[0], head=self.last_logits.head)
+        if self.full_mask is not None and self.last_logits.sdpa_bool_masks:
+            # Decoding steps get the [B, 1, 1, KV] boolean mask SDPA uses (True = attend), sliced from one
+            # tensor: transformers passes a 4D mask through, so it skips building the mask at every step.
+            self.full_mask = self.full_mask.bool()[:, None, None, :]
+        return logits
+
+    def step(self, token: Tensor) -> Tensor:
+        """Feed ``token`` ``[B]``; returns the logits ``[B, V]`` that predict the token after it."""
+        self.steps += 1
+        mask = self.full_mask[..., : self.prompt_len + self.steps] if self.full_mask is not None else None
+        logits, self.cache = self.last_logits(token[:, None], mask, self.next_position, self.cache)
+        self.next_position = self.next_position + 1
+        return logits
 
 
 def _hf_generate(
