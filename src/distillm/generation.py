@@ -176,6 +176,164 @@ class _DecodingRun:
         return logits
 
 
+@dataclass(frozen=True)
+class MixedSamples:
+    """Responses drawn token by token from ``(1 - alpha) q + alpha p``, with both models' log-probabilities.
+
+    ``tokens`` ``[B, N]`` long: each row up to and including its first EOS, ``pad_token_id`` after it.
+    ``mask`` ``[B, N]`` bool: the real tokens (the first EOS included). ``student_logprobs`` and
+    ``teacher_logprobs`` ``[B, N]`` float32: ``log q(y_t | x, y_<t)`` and ``log p(y_t | x, y_<t)`` of the
+    models' own distributions (temperature 1, no top-k/top-p), 0 where ``mask`` is False: what MiniLLM's
+    importance weights and rewards need (``distillm.losses.minillm``).
+    """
+
+    tokens: Tensor
+    mask: Tensor
+    student_logprobs: Tensor
+    teacher_logprobs: Tensor
+
+
+def sample_mixed(
+    student: nn.Module,
+    teacher: nn.Module,
+    prompt_ids: Tensor,
+    prompt_attention_mask: Tensor,
+    config: GenerationConfig,
+    teacher_mix_alpha: float,
+    eos_token_id: int,
+    pad_token_id: int,
+    generator: torch.Generator | None = None,
+) -> MixedSamples:
+    """Sample responses from the mixture ``(1 - alpha) q + alpha p`` of student ``q`` and teacher ``p``.
+
+    MiniLLM's teacher-mixed sampling (Gu et al., ICLR 2024; shared/reference/minillm-method.md, section 3):
+    both models decode the same token history, each with its own KV cache, and at every step the processed
+    distributions (``config``'s temperature, top-k and top-p applied to each model's logits, as the original
+    applies the same logits processors to both) are mixed in probability space and one token is drawn.
+    Prompts, EOS handling, positions and randomness as in :func:`sample` (our decoding loop; the
+    ``config.sampler`` choice does not apply, ``generate`` cannot mix two models). With ``alpha = 0`` it
+    draws exactly the tokens :func:`sample` draws from the student for the same generator state, with
+    ``alpha = 1`` those it draws from the teacher (without top-p; the nucleus is formed in another token
+    order there, same distribution). Models with different logits widths (a padded vocabulary) are cut to
+    the narrower one. Both models run in eval mode without gradients and get their modes back afterwards.
+    """
+    if not 0.0 <= teacher_mix_alpha <= 1.0:
+        raise ValueError(f"teacher_mix_alpha must be in [0, 1], got {teacher_mix_alpha!r}")
+    modes = (student.training, teacher.training)
+    student.eval()
+    teacher.eval()
+    try:
+        with torch.inference_mode():
+            samples = _decode_mixed(
+                student,
+                teacher,
+                prompt_ids,
+                prompt_attention_mask,
+                config,
+                teacher_mix_alpha,
+                eos_token_id,
+                pad_token_id,
+                generator,
+            )
+    finally:
+        student.train(modes[0])
+        teacher.train(modes[1])
+    # Plain tensors (not inference tensors), so a training step may save them for backward.
+    return MixedSamples(**{name: value.clone() for name, value in vars(samples).items()})
+
+
+def _decode_mixed(
+    student: nn.Module,
+    teacher: nn.Module,
+    prompt_ids: Tensor,
+    prompt_attention_mask: Tensor,
+    config: GenerationConfig,
+    alpha: float,
+    eos_token_id: int,
+    pad_token_id: int,
+    generator: torch.Generator | None,
+) -> MixedSamples:
+    """The decoding loop of :func:`sample_mixed` (already under inference mode)."""
+    batch_size = prompt_ids.shape[0]
+    max_new = config.max_new_tokens
+    runs = [
+        _DecodingRun(model, prompt_ids, prompt_attention_mask, max_new, config.pack_weights)
+        for model in (student, teacher)
+    ]
+    banned = (
+        _NgramBan(config.no_repeat_ngram_size, prompt_ids, runs[0].prompt_mask)
+        if config.no_repeat_ngram_size
+        else None
+    )
+    tokens = prompt_ids.new_full((batch_size, max_new), pad_token_id)  # [B, N]
+    mask = torch.zeros(batch_size, max_new, dtype=torch.bool, device=prompt_ids.device)  # [B, N]
+    logprobs = torch.zeros(2, batch_size, max_new, device=prompt_ids.device)  # [student/teacher, B, N]
+    finished = torch.zeros(batch_size, dtype=torch.bool, device=prompt_ids.device)
+
+    student_logits, teacher_logits = (run.prefill() for run in runs)
+    width = min(student_logits.shape[-1], teacher_logits.shape[-1])
+    steps = 0
+    for step in range(max_new):
+        student_logits, teacher_logits = student_logits[:, :width], teacher_logits[:, :width]  # [B, V]
+        # The models' own log-probabilities, before any processing changes the logits.
+        own_logprobs = torch.stack([student_logits.log_softmax(-1), teacher_logits.log_softmax(-1)])
+        if banned is not None:
+            banned.apply(student_logits)
+            banned.apply(teacher_logits)
+        token = _next_mixed_token(student_logits, teacher_logits, alpha, config, generator)  # [B]
+        live = ~finished
+        token = torch.where(finished, pad_token_id, token)
+        tokens[:, step] = token
+        mask[:, step] = live
+        chosen = own_logprobs.gather(-1, token[None, :, None].expand(2, -1, 1)).squeeze(-1)  # [2, B]
+        logprobs[:, :, step] = torch.where(live, chosen, 0.0)
+        steps = step + 1
+        finished |= token == eos_token_id
+        if banned is not None:
+            banned.append(token)
+        if step == max_new - 1 or bool(finished.all()):
+            break
+        student_logits, teacher_logits = (run.step(token) for run in runs)
+    return MixedSamples(tokens[:, :steps], mask[:, :steps], logprobs[0, :, :steps], logprobs[1, :, :steps])
+
+
+def _next_mixed_token(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    alpha: float,
+    config: GenerationConfig,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """One token per row from ``(1 - alpha) q + alpha p`` of the processed distributions. ``[B, V]`` x2 -> ``[B]``."""
+    mixture = (1.0 - alpha) * _processed_probs(student_logits, config) + alpha * _processed_probs(
+        teacher_logits, config
+    )  # [B, V]; with alpha 0 (or 1) exactly the student's (teacher's) probabilities
+    if not config.do_sample:
+        return mixture.argmax(-1)
+    return _sample_categorical(mixture, generator)
+
+
+def _processed_probs(logits: Tensor, config: GenerationConfig) -> Tensor:
+    """The sampling distribution ``[B, V]`` of ``logits`` ``[B, V]`` under ``config``'s temperature, top-k, top-p.
+
+    The same processing as :func:`_next_token`, with the nucleus kept in vocabulary order (so that two
+    models' distributions can be added).
+    """
+    if not config.do_sample:
+        return logits.softmax(-1)
+    if config.temperature != 1.0:
+        logits = logits / config.temperature
+    if config.top_k and config.top_k < logits.shape[-1]:
+        kth_largest = logits.topk(config.top_k, dim=-1).values[:, -1:]  # [B, 1]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    probs = logits.softmax(-1)
+    if config.top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)  # [B, V]
+        outside = (sorted_probs.cumsum(-1) - sorted_probs) >= config.top_p  # the first one always stays
+        probs = probs.masked_fill(outside.scatter(-1, order, outside), 0.0)
+    return probs
+
+
 def _hf_generate(
     model: nn.Module,
     prompt_ids: Tensor,
