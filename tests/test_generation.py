@@ -696,3 +696,19 @@ def test_mixed_sampling_stops_each_row_at_its_eos_masks_after_it_and_restores_th
     assert student.training and not teacher.training
     with pytest.raises(ValueError, match="teacher_mix_alpha"):
         sample_mixed(student, teacher, prompts, mask, GenerationConfig(max_new_tokens=6), 1.2, eos, PAD)
+
+
+def test_mixed_samples_real_tokens_are_the_supervised_tokens_of_their_training_batch(gpt2, gpt2_teacher):
+    """The loop trains on `samples_to_batch`: its supervised labels, row by row, are the mask's tokens."""
+    prompts, prompt_mask = left_padded_prompts([4, 8, 2], seed=6)
+    config = GenerationConfig(max_new_tokens=6)
+    out = sample_mixed(
+        gpt2, gpt2_teacher, prompts, prompt_mask, config, 0.2, EOS, PAD, torch.Generator().manual_seed(5)
+    )
+    # An EOS in the middle of one row, so that the cut after it is exercised too.
+    tokens, mask = out.tokens.clone(), out.mask.clone()
+    tokens[1, 2], tokens[1, 3:], mask[1, 3:] = EOS, PAD, False
+    batch = samples_to_batch(prompts, prompt_mask, tokens, EOS, PAD)
+    supervised = batch["labels"] != IGNORE_INDEX
+    assert torch.equal(batch["labels"][supervised], tokens[mask])
+    assert torch.equal(supervised.sum(-1), mask.sum(-1))
