@@ -18,6 +18,7 @@ from distillm.losses.minillm import (
     mixed_sampling_weights,
     normalized_reward_to_go,
     pretraining_loss,
+    sampled_reverse_kl,
     single_step_reverse_kl,
     token_rewards,
     whiten,
@@ -84,6 +85,23 @@ def test_section_14_clipped_loss_and_its_gradient():
     loss.backward()
     # t1 and t2 are on the clipped branch (zero gradient); t0 gets -A_0 rho_0 / 3; the padding nothing.
     torch.testing.assert_close(logq.grad, expected(0.095515, 0.0, 0.0, 0.0), **PRINTED)
+
+
+def test_section_14_logged_k3_reverse_kl_estimates():
+    ex = example()
+    k3 = sampled_reverse_kl(ex["logq_old"], ex["logp"], ex["mask"])
+    torch.testing.assert_close(k3, expected(0.049859, 0.018731, 0.718282, 0.0), **PRINTED)
+
+
+def test_the_k3_estimate_averages_to_the_exact_reverse_kl_over_the_students_distribution():
+    g = torch.Generator().manual_seed(3)
+    log_q = torch.randn(10, generator=g, dtype=torch.float64).log_softmax(-1)
+    log_p = torch.randn(10, generator=g, dtype=torch.float64).log_softmax(-1)
+    every_token = torch.ones(1, 10, dtype=torch.bool)
+    k3 = sampled_reverse_kl(log_q[None], log_p[None], every_token)[0]
+    # Its expectation under q, taken exactly over the vocabulary: E_q[p/q - 1] = 0 leaves E_q[log q - log p].
+    torch.testing.assert_close((log_q.exp() * k3).sum(), (log_q.exp() * (log_q - log_p)).sum())
+    assert torch.all(k3 >= 0)
 
 
 def test_section_14_single_step_reverse_kl():

@@ -18,7 +18,10 @@ The pieces, in the order one training step uses them (``shared/reference/minillm
 4. :func:`whiten`: advantages shifted and scaled to mean 0, variance 1 over the real tokens (section 6);
 5. :func:`clipped_policy_loss`: PPO's clipped surrogate on the ratio ``(q_theta / q_old) * w`` (section 7);
 6. :func:`single_step_reverse_kl`: the exact token-level ``KL(q_theta || p)`` on the rollout (section 8);
-7. :func:`pretraining_loss`: ``(1 - kd_ratio) CE + kd_ratio softCE`` on pre-training text (section 9).
+7. :func:`pretraining_loss`: ``(1 - kd_ratio) CE + kd_ratio softCE`` on pre-training text (section 9);
+
+and, for logging and evaluation, :func:`sampled_reverse_kl`: the per-token k3 estimate of ``KL(q || p)``
+from the student's own samples (section 10).
 
 All arithmetic happens in float32 at least (float64 stays float64, for the tests' references).
 """
@@ -40,6 +43,7 @@ __all__ = [
     "mixed_sampling_weights",
     "normalized_reward_to_go",
     "pretraining_loss",
+    "sampled_reverse_kl",
     "single_step_reverse_kl",
     "teacher_soft_cross_entropy",
     "token_rewards",
@@ -228,3 +232,15 @@ def pretraining_loss(
     ce = masked_mean(token_cross_entropy(student_logits, labels), mask, num_tokens)
     soft_ce = masked_mean(teacher_soft_cross_entropy(student_logits, teacher_logits), mask, num_tokens)
     return (1.0 - kd_ratio) * ce + kd_ratio * soft_ce
+
+
+def sampled_reverse_kl(student_logprobs: Tensor, teacher_logprobs: Tensor, mask: Tensor) -> Tensor:
+    """Per-token estimate ``e^d - 1 - d``, ``d = log p - log q``, of ``KL(q || p)``. [B, R] x2 -> [B, R].
+
+    The "k3" estimator the original logs and evaluates: unbiased for the reverse KL when the tokens are
+    sampled from ``q`` itself (``E_q[p/q] = 1``), and never negative. 0 where ``mask`` is False. Summed over a
+    response it estimates the sequence-level reverse KL that MiniLLM minimises.
+    """
+    _check_mask(mask, student_logprobs, teacher_logprobs)
+    log_ratio = torch.where(mask, _wide(teacher_logprobs) - _wide(student_logprobs), 0.0)
+    return torch.expm1(log_ratio) - log_ratio
