@@ -11,6 +11,7 @@ import yaml
 from distillm.config import (
     Config,
     ConfigError,
+    MiniLLMConfig,
     describe_fields,
     format_help,
     load_config,
@@ -167,3 +168,34 @@ def test_the_removed_num_workers_key_is_gone_from_the_schema_and_ignored_with_a_
         config = load_config(preset, ["data.num_workers=2"])
     assert config.data.max_length == 64
     assert caplog.text.count("'data.num_workers' is ignored") == 2
+
+
+def test_minillm_defaults_are_the_original_scripts_values_and_validate():
+    config = MiniLLMConfig()
+    config.validate("minillm")
+    # shared/reference/minillm-method.md, section 10: the values every released script passes.
+    assert (config.teacher_mix_alpha, config.num_rollouts, config.ppo_epochs) == (0.2, 256, 4)
+    assert (config.reward_scaling, config.cliprange_reward, config.gamma, config.cliprange) == (
+        0.5,
+        100.0,
+        0.95,
+        0.2,
+    )
+    assert (config.single_step_reg, config.lm_coef, config.pt_kd_ratio) == (True, 1.0, 0.5)
+    assert all(f.metadata.get("help") for f in dataclasses.fields(MiniLLMConfig))
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("teacher_mix_alpha", 1.5),
+        ("ppo_epochs", 0),
+        ("reward_scaling", 0.0),
+        ("gamma", -0.1),
+        ("cliprange", 1.0),
+        ("pt_kd_ratio", 2.0),
+    ],
+)
+def test_minillm_invalid_values_name_the_field_and_the_value(field, value):
+    with pytest.raises(ConfigError, match=rf"minillm\.{field}={value!r}"):
+        dataclasses.replace(MiniLLMConfig(), **{field: value}).validate("minillm")

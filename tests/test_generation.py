@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from types import SimpleNamespace
 
 import pytest
@@ -10,7 +11,8 @@ from torch import nn
 
 from distillm import IGNORE_INDEX
 from distillm.config import GenerationConfig
-from distillm.generation import sample, samples_to_batch
+from distillm.generation import sample, sample_mixed, samples_to_batch
+from numerics import assert_as_accurate_as
 
 EOS = 0  # the tiny tokenizer's EOS, which is also its pad token (as with GPT-2)
 PAD = 0
@@ -535,3 +537,178 @@ def test_an_unknown_sampler_is_refused_by_the_config_naming_the_key():
 
     with pytest.raises(ConfigError, match="generation.sampler='hf'"):
         load_config(overrides=["generation.sampler=hf"], validate=False)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Teacher-mixed sampling (MiniLLM's rollouts): `sample_mixed`.
+
+
+@pytest.fixture(scope="module")
+def gpt2_teacher(tiny_teacher_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(tiny_teacher_dir)).eval()
+
+
+@pytest.fixture(scope="module")
+def llama_teacher(tiny_model_factory):
+    from transformers import AutoModelForCausalLM
+
+    folder = tiny_model_factory("llama", seed=8, layers=2, hidden=48, heads=4, num_key_value_heads=2)
+    return AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+
+
+@pytest.fixture(scope="module")
+def opt_teacher(tiny_model_factory):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        str(tiny_model_factory("opt", seed=9, layers=2, hidden=48, heads=4))
+    ).eval()
+
+
+MIXED_PAIRS = {
+    "gpt2": ("gpt2", "gpt2_teacher"),
+    "llama": ("llama", "llama_teacher"),
+    "opt": ("opt", "opt_teacher"),
+}
+
+
+def mixed_pair(family: str, request) -> tuple[nn.Module, nn.Module]:
+    student, teacher = MIXED_PAIRS[family]
+    return request.getfixturevalue(student), request.getfixturevalue(teacher)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize(
+    "config",
+    [GenerationConfig(max_new_tokens=10), GenerationConfig(max_new_tokens=10, temperature=0.7, top_k=5)],
+    ids=["plain", "temperature-top-k"],
+)
+def test_mixed_sampling_with_alpha_0_draws_the_students_samples_and_with_alpha_1_the_teachers(
+    family, config, request
+):
+    student, teacher = mixed_pair(family, request)
+    prompts, mask = left_padded_prompts([5, 9, 3, 7], seed=2)
+    for alpha, model in ((0.0, student), (1.0, teacher)):
+        mixed = sample_mixed(
+            student, teacher, prompts, mask, config, alpha, EOS, PAD, torch.Generator().manual_seed(11)
+        )
+        alone = sample(model, prompts, mask, config, EOS, PAD, torch.Generator().manual_seed(11))
+        assert torch.equal(mixed.tokens, alone), alpha
+    other = sample_mixed(
+        student, teacher, prompts, mask, config, 0.5, EOS, PAD, torch.Generator().manual_seed(11)
+    )
+    assert not torch.equal(other.tokens, alone)  # the mixture is neither
+
+
+@pytest.mark.parametrize(
+    ("alpha", "temperature", "top_k", "top_p"),
+    [(0.2, 1.0, 0, 1.0), (0.5, 1.0, 0, 1.0), (0.2, 1.5, 4, 1.0), (0.3, 1.0, 0, 0.7)],
+)
+def test_mixed_tokens_follow_the_mixture_of_the_two_processed_distributions(alpha, temperature, top_k, top_p):
+    student_logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -0.5, -1.0, 1.5, 0.2])
+    teacher_logits = torch.tensor([-1.0, 0.0, 2.5, 0.3, 1.0, -2.0, 0.0, 1.2])
+    rows = 20_000
+
+    def fixed(logits: torch.Tensor) -> nn.Module:
+        class Fixed(nn.Module):
+            def forward(
+                self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=True
+            ):
+                return SimpleNamespace(
+                    logits=logits.expand(input_ids.shape[0], input_ids.shape[1], -1).clone()
+                )
+
+        return Fixed()
+
+    prompts = torch.ones((rows, 1), dtype=torch.long)
+    config = GenerationConfig(max_new_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p)
+    out = sample_mixed(
+        fixed(student_logits),
+        fixed(teacher_logits),
+        prompts,
+        torch.ones_like(prompts),
+        config,
+        alpha,
+        99,
+        PAD,
+        torch.Generator().manual_seed(0),
+    )
+    frequencies = torch.bincount(out.tokens[:, 0], minlength=len(student_logits)).double() / rows
+    expected = (1 - alpha) * expected_distribution(student_logits, temperature, top_k, top_p) + alpha * (
+        expected_distribution(teacher_logits, temperature, top_k, top_p)
+    )
+    assert torch.all(frequencies[expected == 0] == 0)
+    # Each frequency is a mean of `rows` Bernoulli draws: within 5 of its standard errors.
+    standard_error = (expected * (1 - expected) / rows).sqrt()
+    assert torch.all((frequencies - expected).abs() <= 5 * standard_error + 1e-12), (frequencies, expected)
+
+
+def full_forward_logprobs(model: nn.Module, prompts, prompt_mask, tokens, mask) -> torch.Tensor:
+    """log model(y_t | x, y_<t) of the sampled tokens from one forward over prompt + response. -> [B, N]."""
+    inputs = torch.cat([prompts, tokens], 1)
+    attention = torch.cat([prompt_mask, mask.long()], 1)
+    positions = (attention.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        logits = model(input_ids=inputs, attention_mask=attention, position_ids=positions).logits
+    width = prompts.shape[1]
+    predicting = logits[:, width - 1 : width - 1 + tokens.shape[1]].log_softmax(-1)  # [B, N, V]
+    return predicting.gather(-1, tokens[..., None]).squeeze(-1)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "opt"])
+def test_mixed_samples_log_probabilities_equal_a_full_forward_of_each_model_on_left_padded_prompts(
+    family, request
+):
+    student, teacher = mixed_pair(family, request)
+    prompts, prompt_mask = left_padded_prompts([3, 9, 6, 1], seed=4)
+    config = GenerationConfig(max_new_tokens=12)
+    out = sample_mixed(
+        student, teacher, prompts, prompt_mask, config, 0.2, EOS, PAD, torch.Generator().manual_seed(3)
+    )
+    assert out.tokens.shape == out.mask.shape == out.student_logprobs.shape == out.teacher_logprobs.shape
+    real = out.mask
+    for name, model, ours in (
+        ("student", student, out.student_logprobs),
+        ("teacher", teacher, out.teacher_logprobs),
+    ):
+        baseline = full_forward_logprobs(model, prompts, prompt_mask, out.tokens, real)
+        reference = full_forward_logprobs(
+            copy.deepcopy(model).double(), prompts, prompt_mask, out.tokens, real
+        )
+        assert_as_accurate_as(ours[real], baseline[real], reference[real], msg=name)
+        assert torch.equal(ours[~real], torch.zeros_like(ours[~real]))
+
+
+def test_mixed_sampling_stops_each_row_at_its_eos_masks_after_it_and_restores_the_modes():
+    eos = 3
+    script = torch.tensor([[5, 6, eos, 7, 7, 7], [eos, 5, 5, 5, 5, 5], [4, 4, 4, 4, eos, 8]])
+    student, teacher = ScriptedModel(script).train(), ScriptedModel(script).eval()
+    prompts, mask = left_padded_prompts([2, 4, 3], vocab=16)
+    out = sample_mixed(student, teacher, prompts, mask, GenerationConfig(max_new_tokens=6), 0.2, eos, PAD)
+    assert torch.equal(
+        out.tokens, torch.tensor([[5, 6, eos, PAD, PAD], [eos, PAD, PAD, PAD, PAD], [4, 4, 4, 4, eos]])
+    )
+    # The first EOS is a real (scored) token; everything after it is not.
+    lengths = torch.tensor([3, 1, 5])
+    assert torch.equal(out.mask, torch.arange(5)[None, :] < lengths[:, None])
+    assert student.training and not teacher.training
+    with pytest.raises(ValueError, match="teacher_mix_alpha"):
+        sample_mixed(student, teacher, prompts, mask, GenerationConfig(max_new_tokens=6), 1.2, eos, PAD)
+
+
+def test_mixed_samples_real_tokens_are_the_supervised_tokens_of_their_training_batch(gpt2, gpt2_teacher):
+    """The loop trains on `samples_to_batch`: its supervised labels, row by row, are the mask's tokens."""
+    prompts, prompt_mask = left_padded_prompts([4, 8, 2], seed=6)
+    config = GenerationConfig(max_new_tokens=6)
+    out = sample_mixed(
+        gpt2, gpt2_teacher, prompts, prompt_mask, config, 0.2, EOS, PAD, torch.Generator().manual_seed(5)
+    )
+    # An EOS in the middle of one row, so that the cut after it is exercised too.
+    tokens, mask = out.tokens.clone(), out.mask.clone()
+    tokens[1, 2], tokens[1, 3:], mask[1, 3:] = EOS, PAD, False
+    batch = samples_to_batch(prompts, prompt_mask, tokens, EOS, PAD)
+    supervised = batch["labels"] != IGNORE_INDEX
+    assert torch.equal(batch["labels"][supervised], tokens[mask])
+    assert torch.equal(supervised.sum(-1), mask.sum(-1))

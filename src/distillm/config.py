@@ -342,6 +342,55 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class MiniLLMConfig:
+    """MiniLLM's policy-gradient knobs (Gu et al., ICLR 2024; shared/reference/minillm-method.md, sections 3-10).
+
+    Defaults are the paper's scripts' values (not the original's argparse defaults; docs/differences.md).
+    Not yet part of :class:`Config`: the MiniLLM loop that would read it does not exist yet (docs/minillm.md),
+    and a section no loop reads would accept settings that change nothing. Its optimiser settings are the
+    ``train`` section's (scripts: lr 5e-6, constant after 100 warm-up steps, AdamW betas (0.9, 0.95),
+    weight decay 1e-6, 5000 steps, gradient clipping 1.0).
+    """
+
+    teacher_mix_alpha: float = _field(
+        0.2,
+        "Teacher share a of the rollout sampling distribution (1-a) q + a p; 0 samples the student alone.",
+    )
+    num_rollouts: int = _field(256, "Rollouts collected per cycle, over all processes.")
+    ppo_epochs: int = _field(4, "Passes over each cycle's rollouts before new ones are sampled.")
+    reward_scaling: float = _field(
+        0.5, "Per-token rewards are (log p - log q_old) / reward_scaling (before clipping)."
+    )
+    cliprange_reward: float = _field(
+        100.0,
+        "Per-token rewards are clipped to +-cliprange_reward (the original's argparse default 1 is not what its scripts run).",
+    )
+    gamma: float = _field(0.95, "Discount of the reward-to-go.")
+    cliprange: float = _field(0.2, "PPO clip range epsilon on the ratio (q_theta / q_old) * w.")
+    single_step_reg: bool = _field(True, "Add the exact single-step reverse KL on the rollout tokens.")
+    lm_coef: float = _field(1.0, "Weight of the pre-training term; 0 turns it off.")
+    pt_kd_ratio: float = _field(
+        0.5, "Pre-training term = (1 - pt_kd_ratio) CE + pt_kd_ratio soft CE against the teacher."
+    )
+
+    def validate(self, prefix: str) -> None:
+        _check(
+            0.0 <= self.teacher_mix_alpha <= 1.0,
+            f"{prefix}.teacher_mix_alpha",
+            self.teacher_mix_alpha,
+            "must be in [0, 1]",
+        )
+        _check(self.num_rollouts >= 1, f"{prefix}.num_rollouts", self.num_rollouts, "must be >= 1")
+        _check(self.ppo_epochs >= 1, f"{prefix}.ppo_epochs", self.ppo_epochs, "must be >= 1")
+        _check(self.reward_scaling > 0, f"{prefix}.reward_scaling", self.reward_scaling, "must be > 0")
+        _check(self.cliprange_reward > 0, f"{prefix}.cliprange_reward", self.cliprange_reward, "must be > 0")
+        _check(0.0 <= self.gamma <= 1.0, f"{prefix}.gamma", self.gamma, "must be in [0, 1]")
+        _check(0.0 < self.cliprange < 1.0, f"{prefix}.cliprange", self.cliprange, "must be in (0, 1)")
+        _check(self.lm_coef >= 0, f"{prefix}.lm_coef", self.lm_coef, "must be >= 0")
+        _check(0.0 <= self.pt_kd_ratio <= 1.0, f"{prefix}.pt_kd_ratio", self.pt_kd_ratio, "must be in [0, 1]")
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole training run."""
 

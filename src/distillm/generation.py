@@ -93,39 +93,18 @@ def _decode(
     generator: torch.Generator | None,
 ) -> Tensor:
     """The decoding loop of :func:`sample` (already under inference mode). Returns ``[B, N]``."""
-    batch_size, prompt_len = prompt_ids.shape
-    last_logits = _LastLogits.for_model(model, capacity=prompt_len + config.max_new_tokens)
-    device = prompt_ids.device
+    batch_size = prompt_ids.shape[0]
     max_new = config.max_new_tokens
-    prompt_mask = prompt_attention_mask.to(device=device, dtype=torch.long)
-
-    # Without padding the attention mask can be left out, which lets SDPA use its causal fast path.
-    has_padding = not bool(prompt_mask.all())
-    full_mask = (
-        torch.cat([prompt_mask, prompt_mask.new_ones(batch_size, max_new)], dim=1) if has_padding else None
-    )
-    # Left padding: the first real token sits at position 0 (HF's convention), padding gets a harmless 0.
-    positions = (prompt_mask.cumsum(-1) - 1).clamp_min(0)  # [B, P]
-    next_position = positions[:, -1:] + 1  # [B, 1]
-
+    run = _DecodingRun(model, prompt_ids, prompt_attention_mask, max_new, config.pack_weights)
     banned = (
-        _NgramBan(config.no_repeat_ngram_size, prompt_ids, prompt_mask)
+        _NgramBan(config.no_repeat_ngram_size, prompt_ids, run.prompt_mask)
         if config.no_repeat_ngram_size
         else None
     )
     response = prompt_ids.new_full((batch_size, max_new), pad_token_id)  # [B, N]
-    finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    finished = torch.zeros(batch_size, dtype=torch.bool, device=prompt_ids.device)
 
-    logits, cache = last_logits(
-        prompt_ids, full_mask[:, :prompt_len] if has_padding else None, positions, None
-    )
-    if config.pack_weights and max_new >= _MIN_STEPS_TO_PACK and last_logits.fast is not None:
-        # After the prefill: its wide products gain nothing from the packed layout.
-        last_logits.fast.pack_weights(batch_size, head=last_logits.head)
-    if has_padding and last_logits.sdpa_bool_masks:
-        # Decoding steps get the [B, 1, 1, KV] boolean mask SDPA uses (True = attend), sliced from one
-        # tensor: transformers passes a 4D mask through, so it skips building the mask at every step.
-        full_mask = full_mask.bool()[:, None, None, :]
+    logits = run.prefill()
     steps = 0
     for step in range(max_new):
         if banned is not None:
@@ -140,10 +119,219 @@ def _decode(
         # One device sync per step, like `generate`'s stopping check; cheap next to a forward pass.
         if step == max_new - 1 or bool(finished.all()):
             break
-        mask = full_mask[..., : prompt_len + step + 1] if has_padding else None
-        logits, cache = last_logits(token[:, None], mask, next_position, cache)
-        next_position = next_position + 1
+        logits = run.step(token)
     return response[:, :steps]
+
+
+class _DecodingRun:
+    """One model's side of a decoding loop over left-padded prompts: its KV cache, mask and positions.
+
+    :meth:`prefill` runs the prompts and returns the logits ``[B, V]`` (float32) that predict the first new
+    token; each :meth:`step` feeds one token per row and returns the logits for the next. Positions follow
+    the attention mask (the first real token of a row is at position 0, Hugging Face's convention for
+    left padding), for every family: RoPE models would otherwise see the padding as positions.
+    """
+
+    def __init__(
+        self, model: nn.Module, prompt_ids: Tensor, prompt_attention_mask: Tensor, max_new: int, pack: bool
+    ):
+        batch_size, self.prompt_len = prompt_ids.shape
+        self.prompt_ids = prompt_ids
+        self.last_logits = _LastLogits.for_model(model, capacity=self.prompt_len + max_new)
+        self.prompt_mask = prompt_attention_mask.to(device=prompt_ids.device, dtype=torch.long)  # [B, P]
+        self.pack = pack and max_new >= _MIN_STEPS_TO_PACK
+        # Without padding the attention mask can be left out, which lets SDPA use its causal fast path.
+        self.has_padding = not bool(self.prompt_mask.all())
+        self.full_mask: Tensor | None = (
+            torch.cat([self.prompt_mask, self.prompt_mask.new_ones(batch_size, max_new)], dim=1)
+            if self.has_padding
+            else None
+        )  # [B, P + N]
+        # Left padding: the first real token sits at position 0 (HF's convention), padding gets a harmless 0.
+        self.positions = (self.prompt_mask.cumsum(-1) - 1).clamp_min(0)  # [B, P]
+        self.next_position = self.positions[:, -1:] + 1  # [B, 1]
+        self.cache: Any = None
+        self.steps = 0
+
+    def prefill(self) -> Tensor:
+        """Run the prompts; returns the logits ``[B, V]`` at each row's last prompt position."""
+        prompt_mask = self.full_mask[:, : self.prompt_len] if self.full_mask is not None else None
+        logits, self.cache = self.last_logits(self.prompt_ids, prompt_mask, self.positions, None)
+        fast = self.last_logits.fast
+        if self.pack and fast is not None:
+            # After the prefill: its wide products gain nothing from the packed layout.
+            fast.pack_weights(self.prompt_ids.shape[0], head=self.last_logits.head)
+        if self.full_mask is not None and self.last_logits.sdpa_bool_masks:
+            # Decoding steps get the [B, 1, 1, KV] boolean mask SDPA uses (True = attend), sliced from one
+            # tensor: transformers passes a 4D mask through, so it skips building the mask at every step.
+            self.full_mask = self.full_mask.bool()[:, None, None, :]
+        return logits
+
+    def step(self, token: Tensor) -> Tensor:
+        """Feed ``token`` ``[B]``; returns the logits ``[B, V]`` that predict the token after it."""
+        self.steps += 1
+        mask = self.full_mask[..., : self.prompt_len + self.steps] if self.full_mask is not None else None
+        logits, self.cache = self.last_logits(token[:, None], mask, self.next_position, self.cache)
+        self.next_position = self.next_position + 1
+        return logits
+
+
+@dataclass(frozen=True)
+class MixedSamples:
+    """Responses drawn token by token from ``(1 - alpha) q + alpha p``, with both models' log-probabilities.
+
+    ``tokens`` ``[B, N]`` long: each row up to and including its first EOS, ``pad_token_id`` after it.
+    ``mask`` ``[B, N]`` bool: the real tokens (the first EOS included). ``student_logprobs`` and
+    ``teacher_logprobs`` ``[B, N]`` float32: ``log q(y_t | x, y_<t)`` and ``log p(y_t | x, y_<t)`` of the
+    models' own distributions (temperature 1, no top-k/top-p), 0 where ``mask`` is False: what MiniLLM's
+    importance weights and rewards need (``distillm.losses.minillm``).
+    """
+
+    tokens: Tensor
+    mask: Tensor
+    student_logprobs: Tensor
+    teacher_logprobs: Tensor
+
+
+def sample_mixed(
+    student: nn.Module,
+    teacher: nn.Module,
+    prompt_ids: Tensor,
+    prompt_attention_mask: Tensor,
+    config: GenerationConfig,
+    teacher_mix_alpha: float,
+    eos_token_id: int,
+    pad_token_id: int,
+    generator: torch.Generator | None = None,
+) -> MixedSamples:
+    """Sample responses from the mixture ``(1 - alpha) q + alpha p`` of student ``q`` and teacher ``p``.
+
+    MiniLLM's teacher-mixed sampling (Gu et al., ICLR 2024; shared/reference/minillm-method.md, section 3):
+    both models decode the same token history, each with its own KV cache, and at every step the processed
+    distributions (``config``'s temperature, top-k and top-p applied to each model's logits, as the original
+    applies the same logits processors to both) are mixed in probability space and one token is drawn.
+    Prompts, EOS handling, positions and randomness as in :func:`sample` (our decoding loop; the
+    ``config.sampler`` choice does not apply, ``generate`` cannot mix two models). With ``alpha = 0`` it
+    draws exactly the tokens :func:`sample` draws from the student for the same generator state, with
+    ``alpha = 1`` those it draws from the teacher (without top-p; the nucleus is formed in another token
+    order there, same distribution). Models with different logits widths (a padded vocabulary) are cut to
+    the narrower one. Both models run in eval mode without gradients and get their modes back afterwards.
+    """
+    if not 0.0 <= teacher_mix_alpha <= 1.0:
+        raise ValueError(f"teacher_mix_alpha must be in [0, 1], got {teacher_mix_alpha!r}")
+    modes = (student.training, teacher.training)
+    student.eval()
+    teacher.eval()
+    try:
+        with torch.inference_mode():
+            samples = _decode_mixed(
+                student,
+                teacher,
+                prompt_ids,
+                prompt_attention_mask,
+                config,
+                teacher_mix_alpha,
+                eos_token_id,
+                pad_token_id,
+                generator,
+            )
+    finally:
+        student.train(modes[0])
+        teacher.train(modes[1])
+    # Plain tensors (not inference tensors), so a training step may save them for backward.
+    return MixedSamples(**{name: value.clone() for name, value in vars(samples).items()})
+
+
+def _decode_mixed(
+    student: nn.Module,
+    teacher: nn.Module,
+    prompt_ids: Tensor,
+    prompt_attention_mask: Tensor,
+    config: GenerationConfig,
+    alpha: float,
+    eos_token_id: int,
+    pad_token_id: int,
+    generator: torch.Generator | None,
+) -> MixedSamples:
+    """The decoding loop of :func:`sample_mixed` (already under inference mode)."""
+    batch_size = prompt_ids.shape[0]
+    max_new = config.max_new_tokens
+    runs = [
+        _DecodingRun(model, prompt_ids, prompt_attention_mask, max_new, config.pack_weights)
+        for model in (student, teacher)
+    ]
+    banned = (
+        _NgramBan(config.no_repeat_ngram_size, prompt_ids, runs[0].prompt_mask)
+        if config.no_repeat_ngram_size
+        else None
+    )
+    tokens = prompt_ids.new_full((batch_size, max_new), pad_token_id)  # [B, N]
+    mask = torch.zeros(batch_size, max_new, dtype=torch.bool, device=prompt_ids.device)  # [B, N]
+    logprobs = torch.zeros(2, batch_size, max_new, device=prompt_ids.device)  # [student/teacher, B, N]
+    finished = torch.zeros(batch_size, dtype=torch.bool, device=prompt_ids.device)
+
+    student_logits, teacher_logits = (run.prefill() for run in runs)
+    width = min(student_logits.shape[-1], teacher_logits.shape[-1])
+    steps = 0
+    for step in range(max_new):
+        student_logits, teacher_logits = student_logits[:, :width], teacher_logits[:, :width]  # [B, V]
+        # The models' own log-probabilities, before any processing changes the logits.
+        own_logprobs = torch.stack([student_logits.log_softmax(-1), teacher_logits.log_softmax(-1)])
+        if banned is not None:
+            banned.apply(student_logits)
+            banned.apply(teacher_logits)
+        token = _next_mixed_token(student_logits, teacher_logits, alpha, config, generator)  # [B]
+        live = ~finished
+        token = torch.where(finished, pad_token_id, token)
+        tokens[:, step] = token
+        mask[:, step] = live
+        chosen = own_logprobs.gather(-1, token[None, :, None].expand(2, -1, 1)).squeeze(-1)  # [2, B]
+        logprobs[:, :, step] = torch.where(live, chosen, 0.0)
+        steps = step + 1
+        finished |= token == eos_token_id
+        if banned is not None:
+            banned.append(token)
+        if step == max_new - 1 or bool(finished.all()):
+            break
+        student_logits, teacher_logits = (run.step(token) for run in runs)
+    return MixedSamples(tokens[:, :steps], mask[:, :steps], logprobs[0, :, :steps], logprobs[1, :, :steps])
+
+
+def _next_mixed_token(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    alpha: float,
+    config: GenerationConfig,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """One token per row from ``(1 - alpha) q + alpha p`` of the processed distributions. ``[B, V]`` x2 -> ``[B]``."""
+    mixture = (1.0 - alpha) * _processed_probs(student_logits, config) + alpha * _processed_probs(
+        teacher_logits, config
+    )  # [B, V]; with alpha 0 (or 1) exactly the student's (teacher's) probabilities
+    if not config.do_sample:
+        return mixture.argmax(-1)
+    return _sample_categorical(mixture, generator)
+
+
+def _processed_probs(logits: Tensor, config: GenerationConfig) -> Tensor:
+    """The sampling distribution ``[B, V]`` of ``logits`` ``[B, V]`` under ``config``'s temperature, top-k, top-p.
+
+    The same processing as :func:`_next_token`, with the nucleus kept in vocabulary order (so that two
+    models' distributions can be added).
+    """
+    if not config.do_sample:
+        return logits.softmax(-1)
+    if config.temperature != 1.0:
+        logits = logits / config.temperature
+    if config.top_k and config.top_k < logits.shape[-1]:
+        kth_largest = logits.topk(config.top_k, dim=-1).values[:, -1:]  # [B, 1]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    probs = logits.softmax(-1)
+    if config.top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)  # [B, V]
+        outside = (sorted_probs.cumsum(-1) - sorted_probs) >= config.top_p  # the first one always stays
+        probs = probs.masked_fill(outside.scatter(-1, order, outside), 0.0)
+    return probs
 
 
 def _hf_generate(

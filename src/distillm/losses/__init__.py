@@ -5,7 +5,9 @@
   registry that configs name;
 * ``reduction``: token means over the valid tokens of the whole optimizer step, the per-token CE, and
   ``distillation_loss`` (the dense objective on logits);
-* ``chunked``: ``chunked_distillation_loss``, the same objective from hidden states, chunk by chunk.
+* ``chunked``: ``chunked_distillation_loss``, the same objective from hidden states, chunk by chunk;
+* ``minillm``: MiniLLM's policy-gradient terms (importance weights, rewards, advantages, the clipped loss,
+  the single-step and pre-training terms), imported as ``distillm.losses.minillm``.
 
 See docs/losses.md for the formulas and conventions.
 """
