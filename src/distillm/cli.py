@@ -97,3 +97,9 @@ _register(
     "distillm.demo",
     "Run the whole study offline (data, teacher, every method, evaluation) and write a report.",
 )
+_register("convert-gguf", "distillm.convert", "Convert a GGUF checkpoint into a Hugging Face model folder.")
+_register(
+    "init-student",
+    "distillm.student_init",
+    "Make a student from a model's embeddings, a subset of its layers, its final norm and head.",
+)

