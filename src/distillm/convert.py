@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import shutil
 from pathlib import Path
 
 from distillm.errors import UserError
+from distillm.storage import atomic_folder
 
 logger = logging.getLogger(__name__)
 
@@ -116,16 +115,10 @@ def convert_gguf(path: str | Path, out: str | Path, dtype: str = "fp32", force: 
     model, tokenizer = load_gguf(path, dtype)
     clean = clean_model(model)
     del model
-    temporary = out.with_name(f".tmp-{out.name}")
-    if temporary.exists():
-        shutil.rmtree(temporary)
-    temporary.mkdir(parents=True)
-    clean.save_pretrained(str(temporary), safe_serialization=True)
-    tokenizer.save_pretrained(str(temporary))
-    GenerationConfig.from_model_config(clean.config).save_pretrained(str(temporary))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(temporary, out)
+    with atomic_folder(out) as temporary:  # manifest last, then renamed into place (docs/faults.md)
+        clean.save_pretrained(str(temporary), safe_serialization=True)
+        tokenizer.save_pretrained(str(temporary))
+        GenerationConfig.from_model_config(clean.config).save_pretrained(str(temporary))
     parameters = sum(p.numel() for p in clean.parameters())
     logger.info(
         "%s -> %s: %s, %d layers, %.1fM parameters, chat template %s",

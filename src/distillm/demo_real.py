@@ -31,6 +31,7 @@ from pathlib import Path
 
 from distillm import demo
 from distillm.errors import UserError
+from distillm.storage import atomic_folder
 
 logger = logging.getLogger(__name__)
 
@@ -159,13 +160,16 @@ def real_overrides(plan: RealPlan, lr: float) -> list[str]:
 def write_suite(out: Path, plan: RealPlan) -> None:
     from distillm.data import write_task_suite
 
-    data = demo._fresh_temporary(out / "data")
-    write_task_suite(data, seed=plan.suite_seed, n_train=plan.n_train, n_dev=plan.n_dev, n_test=plan.n_test)
-    demo._replace_dir(data, out / "data")
+    with atomic_folder(out / "data") as data:  # complete and verified, or not there (docs/faults.md)
+        write_task_suite(
+            data, seed=plan.suite_seed, n_train=plan.n_train, n_dev=plan.n_dev, n_test=plan.n_test
+        )
 
 
 def suite_done(out: Path) -> bool:
-    return all((out / "data" / f"{s}.jsonl").is_file() for s in ("train", "dev", "test"))
+    return all((out / "data" / f"{s}.jsonl").is_file() for s in ("train", "dev", "test")) and demo._intact(
+        out / "data"
+    )
 
 
 def ensure_smollm2() -> Path:

@@ -17,14 +17,13 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 import re
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from distillm.errors import UserError
+from distillm.storage import atomic_folder
 
 logger = logging.getLogger(__name__)
 
@@ -159,17 +158,11 @@ def init_student(
     if getattr(student.config, "tie_word_embeddings", False):
         student.tie_weights()
 
-    temporary = out.with_name(f".tmp-{out.name}")
-    if temporary.exists():
-        shutil.rmtree(temporary)
-    temporary.mkdir(parents=True)
-    student.save_pretrained(str(temporary), safe_serialization=True)
-    AutoTokenizer.from_pretrained(str(source)).save_pretrained(str(temporary))
-    if (source / "generation_config.json").is_file():
-        GenerationConfig.from_pretrained(str(source)).save_pretrained(str(temporary))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(temporary, out)
+    with atomic_folder(out) as temporary:  # manifest last, then renamed into place (docs/faults.md)
+        student.save_pretrained(str(temporary), safe_serialization=True)
+        AutoTokenizer.from_pretrained(str(source)).save_pretrained(str(temporary))
+        if (source / "generation_config.json").is_file():
+            GenerationConfig.from_pretrained(str(source)).save_pretrained(str(temporary))
     logger.info(
         "%s -> %s: layers %s of %d, %.1fM of %.1fM parameters",
         source,
