@@ -130,7 +130,9 @@ class DataConfig:
     template: Literal["alpaca", "chat"] = _field(
         "alpaca", "Prompt template: the paper's Alpaca-style text, or the tokenizer's chat template."
     )
-    max_length: int = _field(512, "Maximum prompt + response tokens (the response ends in EOS).")
+    max_length: int = _field(
+        512, "Maximum prompt + response tokens; a response that fits ends in EOS, a cut one gets none."
+    )
     max_prompt_length: int = _field(256, "Maximum prompt tokens; longer prompts are cut from the left.")
     pretrain: str | None = _field(
         None,
