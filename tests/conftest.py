@@ -122,3 +122,14 @@ def quiet_pair(tmp_path_factory, tiny_tokenizer_dir):
             hidden=hidden, heads=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
         )  # fmt: skip
     return folders
+
+
+def report_rouge_rows(markdown: str) -> dict[str, list[str]]:
+    """The ROUGE-L table of report.md: model -> its cells."""
+    section = markdown.split("## ROUGE-L on the test split", 1)[1].split("\n#", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and cells[0] != "model":
+            rows[cells[0]] = cells[1:]
+    return rows

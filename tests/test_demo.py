@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import report_rouge_rows
 from distillm import demo
 from distillm.cli import main
 
@@ -31,19 +32,8 @@ def quick_demo(tmp_path_factory):
     return out
 
 
-def _rouge_rows(markdown: str) -> dict[str, list[str]]:
-    """The ROUGE-L table of report.md: model -> its cells."""
-    section = markdown.split("## ROUGE-L on the test split", 1)[1].split("\n#", 1)[0]
-    rows = {}
-    for line in section.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if line.startswith("| ") and cells[0] != "model":
-            rows[cells[0]] = cells[1:]
-    return rows
-
-
 def test_the_table_has_one_row_per_model_with_the_evaluation_summarys_numbers(quick_demo):
-    rows = _rouge_rows((quick_demo / "report.md").read_text())
+    rows = report_rouge_rows((quick_demo / "report.md").read_text())
     assert list(rows) == TABLE_MODELS
     for name, _, eval_dir in demo.evaluated_models(quick_demo):
         # Each model's own `distillm evaluate` summary, read independently of the report code.
@@ -57,7 +47,7 @@ def test_the_table_has_one_row_per_model_with_the_evaluation_summarys_numbers(qu
 
 def test_the_html_report_shows_the_same_table(quick_demo):
     page = (quick_demo / "report.html").read_text()
-    markdown_rows = _rouge_rows((quick_demo / "report.md").read_text())
+    markdown_rows = report_rouge_rows((quick_demo / "report.md").read_text())
     for name, cells in markdown_rows.items():
         assert re.search(rf"<td>{re.escape(name)}</td><td class=\"num\">{re.escape(cells[0])}</td>", page)
 
@@ -114,7 +104,7 @@ def test_a_rerun_reuses_every_finished_stage_and_redoes_a_removed_one(quick_demo
         k for k in record_after["seconds"] if record_after["seconds"][k] != record_before["seconds"].get(k)
     }
     assert changed == {"kd", "eval kd"}  # the retrained model is evaluated again
-    assert list(_rouge_rows((quick_demo / "report.md").read_text())) == TABLE_MODELS
+    assert list(report_rouge_rows((quick_demo / "report.md").read_text())) == TABLE_MODELS
 
 
 def test_a_folder_with_another_plan_is_refused_without_force(quick_demo, capsys):

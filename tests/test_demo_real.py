@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import report_rouge_rows
 from distillm import demo
 from distillm.cli import main
 from distillm.convert import packaged_smollm2
@@ -37,19 +38,9 @@ def quick_real_demo(tmp_path_factory):
     return out
 
 
-def _rouge_rows(markdown: str) -> dict[str, list[str]]:
-    section = markdown.split("## ROUGE-L on the test split", 1)[1].split("\n#", 1)[0]
-    rows = {}
-    for line in section.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if line.startswith("| ") and cells[0] != "model":
-            rows[cells[0]] = cells[1:]
-    return rows
-
-
 def test_the_report_names_every_method_with_its_evaluation_summarys_numbers(quick_real_demo):
     markdown = (quick_real_demo / "report.md").read_text()
-    rows = _rouge_rows(markdown)
+    rows = report_rouge_rows(markdown)
     assert list(rows) == TABLE_MODELS
     for name, _, eval_dir in demo.evaluated_models(quick_real_demo):
         (entry,) = json.loads((eval_dir / "summary.json").read_text())["models"].values()
