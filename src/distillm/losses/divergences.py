@@ -1,6 +1,11 @@
-"""Per-token divergences between a teacher and a student distribution over the vocabulary.
+"""Per-token divergences between a teacher and a student distribution over the vocabulary, and their registry.
 
-Every function takes logits of shape ``[..., V]`` and returns a float32 tensor of shape ``[...]`` (float64
+``DIVERGENCES`` (at the end) holds one :class:`Divergence` record per divergence: its name, its reference
+definition, an optional closed-form student gradient and its hyper-parameters with their ranges. Config
+validation and help, ``get_divergence`` and the tests read it: adding a divergence is one record here (plus
+its reference function) and one line of tests (docs/design.md, "Where to add things").
+
+Every divergence takes logits of shape ``[..., V]`` and returns a float32 tensor of shape ``[...]`` (float64
 for float64 logits, so that the gradients can be checked numerically). The convention throughout, following
 the DistiLLM paper (Ko et al., ICML 2024):
 
@@ -18,18 +23,21 @@ original code's ``inf_mask`` they are left out of the sum, so the value is the d
 entries where both distributions are non-zero. The skewed divergences and the JSD never need this: their
 mixture is non-zero wherever the weighting distribution is.
 
-Gradients. When only the student's logits need a gradient (the trainer's case), each divergence runs as a
+Gradients. When only the student's logits need a gradient (the trainer's case), a divergence with a closed
+form runs as a
 ``torch.autograd.Function`` that computes the value and the gradient w.r.t. the student's logits together in
 the forward pass, in closed form (``_closed_*``), and saves that one float32 ``[..., V]`` gradient instead
 of autograd's chain of intermediates. When the teacher's logits need a gradient too, and for double backward
 (``create_graph=True``), autograd differentiates the definitions themselves (``_reference_*``), which are
-kept for that and as the tests' reference. Without any gradient to compute, only the value is computed.
+kept for that and as the tests' reference; so does every gradient of a divergence registered without a
+closed form. Without any gradient to compute, only the value is computed.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -37,6 +45,9 @@ from torch import Tensor
 
 __all__ = [
     "DIVERGENCES",
+    "HYPER_PARAMETERS",
+    "Divergence",
+    "HyperParameter",
     "forward_kl",
     "generalized_jsd",
     "get_divergence",
@@ -77,70 +88,6 @@ def _log_mixture(log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:
     return log_mix.masked_fill(both_zero, -math.inf)
 
 
-def _check_open_unit(name: str, value: float) -> None:
-    if not 0.0 < value < 1.0:
-        raise ValueError(f"{name} must be in (0, 1), got {value!r}")
-
-
-def forward_kl(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
-    """KL(p || q), the teacher-weighted KL of classic KD. [..., V] -> [...] float32."""
-    return _divergence(student_logits, teacher_logits, _reference_forward_kl, _closed_forward_kl)
-
-
-def reverse_kl(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
-    """KL(q || p), the mode-seeking KL (MiniLLM's objective, token level). [..., V] -> [...] float32."""
-    return _divergence(student_logits, teacher_logits, _reference_reverse_kl, _closed_reverse_kl)
-
-
-def skew_forward_kl(student_logits: Tensor, teacher_logits: Tensor, alpha: float = 0.1) -> Tensor:
-    """Skew KL, KL(p || alpha p + (1 - alpha) q) (DistiLLM's SKL). [..., V] -> [...] float32.
-
-    ``alpha`` in (0, 1) is the paper's skew coefficient (default 0.1); alpha -> 0 recovers ``forward_kl``.
-    """
-    _check_open_unit("alpha", alpha)
-    return _divergence(
-        student_logits,
-        teacher_logits,
-        partial(_reference_skew_forward_kl, alpha=alpha),
-        partial(_closed_skew_forward_kl, alpha=alpha),
-    )
-
-
-def skew_reverse_kl(student_logits: Tensor, teacher_logits: Tensor, alpha: float = 0.1) -> Tensor:
-    """Skew reverse KL, KL(q || (1 - alpha) p + alpha q) (DistiLLM's SRKL). [..., V] -> [...] float32.
-
-    ``alpha`` in (0, 1) is the paper's skew coefficient (default 0.1); alpha -> 0 recovers ``reverse_kl``.
-    """
-    _check_open_unit("alpha", alpha)
-    return _divergence(
-        student_logits,
-        teacher_logits,
-        partial(_reference_skew_reverse_kl, alpha=alpha),
-        partial(_closed_skew_reverse_kl, alpha=alpha),
-    )
-
-
-def generalized_jsd(student_logits: Tensor, teacher_logits: Tensor, beta: float = 0.5) -> Tensor:
-    """Generalized JSD, beta KL(p || m) + (1 - beta) KL(q || m) with m = beta p + (1 - beta) q.
-
-    GKD's convention (Agarwal et al., 2024), ``beta`` in (0, 1); beta = 0.5 is the symmetric Jensen-Shannon
-    divergence. The original DistiLLM ``js_distance(lam=0.9)`` mixes m = (1 - lam) p + lam q, which is
-    ``beta = 1 - lam = 0.1`` here. [..., V] -> [...] float32.
-    """
-    _check_open_unit("beta", beta)
-    return _divergence(
-        student_logits,
-        teacher_logits,
-        partial(_reference_generalized_jsd, beta=beta),
-        partial(_closed_generalized_jsd, beta=beta),
-    )
-
-
-def total_variation(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
-    """Total variation distance, 1/2 sum_v |p_v - q_v|, in [0, 1]. [..., V] -> [...] float32."""
-    return _divergence(student_logits, teacher_logits, _reference_total_variation, _closed_total_variation)
-
-
 # ---- dispatch: closed-form student gradient, or autograd through the reference -------------------------
 
 Reference = Callable[[Tensor, Tensor], Tensor]  # (student_logits, teacher_logits) -> [...], by autograd
@@ -149,14 +96,15 @@ ClosedForm = Callable[[Tensor, Tensor, bool], tuple[Tensor, Tensor | None]]
 
 
 def _divergence(
-    student_logits: Tensor, teacher_logits: Tensor, reference: Reference, closed_form: ClosedForm
+    student_logits: Tensor, teacher_logits: Tensor, reference: Reference, closed_form: ClosedForm | None
 ) -> Tensor:
     """The divergence's value, differentiated in closed form where that is the whole story.
 
-    A teacher that needs a gradient goes through the autograd reference (the closed forms give the
-    student's gradient only); without any gradient to compute, only the value is computed.
+    Without a closed form, and for a teacher that needs a gradient (the closed forms give the student's
+    gradient only), autograd differentiates the reference; without any gradient to compute, only the value
+    is computed.
     """
-    if torch.is_grad_enabled() and teacher_logits.requires_grad:
+    if closed_form is None or (torch.is_grad_enabled() and teacher_logits.requires_grad):
         return reference(student_logits, teacher_logits)
     if torch.is_grad_enabled() and student_logits.requires_grad:
         return _StudentGradient.apply(student_logits, teacher_logits, reference, closed_form)
@@ -356,31 +304,211 @@ def _reference_total_variation(student_logits: Tensor, teacher_logits: Tensor) -
     return 0.5 * (p - q).abs().sum(-1)
 
 
-DIVERGENCES: dict[str, Callable[..., Tensor]] = {
-    "forward_kl": forward_kl,
-    "reverse_kl": reverse_kl,
-    "skew_forward_kl": skew_forward_kl,
-    "skew_reverse_kl": skew_reverse_kl,
-    "generalized_jsd": generalized_jsd,
-    "total_variation": total_variation,
-}
-"""Name -> per-token divergence ``(student_logits, teacher_logits, ...) -> [...]``; the names configs use."""
+# ---- the registry: one record per divergence ------------------------------------------------------------
 
 
-def get_divergence(
-    name: str, skew_alpha: float = 0.1, jsd_beta: float = 0.5
-) -> Callable[[Tensor, Tensor], Tensor]:
-    """The divergence called ``name``, with its hyper-parameter bound: ``(student_logits, teacher_logits)``.
+@dataclass(frozen=True)
+class HyperParameter:
+    """A divergence's hyper-parameter: the keyword its function takes, the config field that sets it, its range.
 
-    ``skew_alpha`` binds the skew divergences' alpha, ``jsd_beta`` the generalized JSD's beta; the others
-    take neither.
+    The range is the interval from ``low`` to ``high``, each end excluded unless ``includes_low`` /
+    ``includes_high``. ``distillm.config`` makes one ``objective.<key>`` field of each (default, help, range
+    check), so a divergence with a new hyper-parameter needs no edit there.
+    """
+
+    argument: str  # the keyword of the divergence: alpha
+    key: str  # the objective config field that sets it: skew_alpha
+    default: float
+    low: float
+    high: float
+    help: str
+    includes_low: bool = False
+    includes_high: bool = False
+
+    @property
+    def interval(self) -> str:
+        """The range as an interval: ``(0, 1)``, ``[0, 1)``, ..."""
+        left, right = "[" if self.includes_low else "(", "]" if self.includes_high else ")"
+        return f"{left}{self.low:g}, {self.high:g}{right}"
+
+    def contains(self, value: float) -> bool:
+        above = value >= self.low if self.includes_low else value > self.low
+        below = value <= self.high if self.includes_high else value < self.high
+        return above and below
+
+    def check(self, value: float, name: str) -> None:
+        """Raise ValueError naming ``name`` and the range when ``value`` lies outside it."""
+        if not self.contains(value):
+            raise ValueError(f"{name} must be in {self.interval}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """One divergence: its name, its reference definition, an optional closed form, its hyper-parameters.
+
+    Calling the record computes the divergence, ``(student_logits, teacher_logits, *hyper-parameters)`` ->
+    ``[...]``, the hyper-parameters by position or by ``argument`` name, their defaults where left out.
+
+    - ``reference(student_logits, teacher_logits, **hyper) -> [...]``: the definition, written with the
+      helpers above (``_log_probs``, ``_kl_from_log_probs``, ``_log_mixture``); autograd through it is the
+      gradient wherever no closed form applies, and the tests' reference.
+    - ``closed_form(log_q, log_p, with_grad, **hyper) -> (value, d value / d student_logits | None)``:
+      optional (see "closed forms" above); without one, the student's gradient is autograd's too.
+    - ``definition``: the formula in one line, for ``--help`` and the docs.
+    """
+
+    name: str
+    definition: str
+    reference: Callable[..., Tensor]
+    closed_form: Callable[..., tuple[Tensor, Tensor | None]] | None = None
+    parameters: tuple[HyperParameter, ...] = ()
+
+    def __call__(
+        self, student_logits: Tensor, teacher_logits: Tensor, *values: float, **named: float
+    ) -> Tensor:
+        hyper = self._arguments(values, named)
+        reference = partial(self.reference, **hyper) if hyper else self.reference
+        closed_form = self.closed_form
+        if closed_form is not None and hyper:
+            closed_form = partial(closed_form, **hyper)
+        return _divergence(student_logits, teacher_logits, reference, closed_form)
+
+    def bind(self, **values: float) -> Callable[[Tensor, Tensor], Tensor]:
+        """``(student_logits, teacher_logits) -> [...]`` with the hyper-parameters given by config key.
+
+        Keys of other divergences' hyper-parameters are ignored; a missing one takes its default.
+        """
+        hyper = {}
+        for parameter in self.parameters:
+            value = values.get(parameter.key, parameter.default)
+            parameter.check(value, parameter.key)
+            hyper[parameter.argument] = value
+        return partial(self, **hyper) if hyper else self
+
+    def _arguments(self, values: tuple[float, ...], named: dict[str, float]) -> dict[str, float]:
+        """The hyper-parameters by ``argument`` name, from positional and keyword values, checked."""
+        if len(values) > len(self.parameters):
+            raise TypeError(f"{self.name} takes {len(self.parameters)} hyper-parameter(s), got {len(values)}")
+        known = [parameter.argument for parameter in self.parameters]
+        unknown = sorted(set(named) - set(known))
+        if unknown:
+            raise TypeError(f"{self.name} has no hyper-parameter {unknown[0]!r}; it takes: {known or 'none'}")
+        hyper = {}
+        for position, parameter in enumerate(self.parameters):
+            value = (
+                values[position]
+                if position < len(values)
+                else named.get(parameter.argument, parameter.default)
+            )
+            parameter.check(value, parameter.argument)
+            hyper[parameter.argument] = value
+        return hyper
+
+
+def _registry(*divergences: Divergence) -> dict[str, Divergence]:
+    registry: dict[str, Divergence] = {}
+    for divergence in divergences:
+        if divergence.name in registry:
+            raise ValueError(f"divergence {divergence.name!r} is registered twice")
+        registry[divergence.name] = divergence
+    return registry
+
+
+SKEW_ALPHA = HyperParameter(
+    argument="alpha",
+    key="skew_alpha",
+    default=0.1,
+    low=0.0,
+    high=1.0,
+    help="alpha of the skew divergences (the paper's 0.1).",
+)
+JSD_BETA = HyperParameter(
+    argument="beta",
+    key="jsd_beta",
+    default=0.5,
+    low=0.0,
+    high=1.0,
+    help="beta of the generalized JSD, m = beta p + (1 - beta) q (GKD's convention).",
+)
+
+# To add a divergence: write its reference above (and its closed form, if the memory matters), add its record
+# here, and its float64 definition to DEFINITIONS in tests/test_divergences.py (one line). Config validation,
+# `distillm train --help`, get_divergence and the tests' cases all read this table.
+DIVERGENCES: dict[str, Divergence] = _registry(
+    Divergence(
+        name="forward_kl",
+        definition="KL(p || q), the teacher-weighted KL of classic KD",
+        reference=_reference_forward_kl,
+        closed_form=_closed_forward_kl,
+    ),
+    Divergence(
+        name="reverse_kl",
+        definition="KL(q || p), mode-seeking (MiniLLM's objective, token level)",
+        reference=_reference_reverse_kl,
+        closed_form=_closed_reverse_kl,
+    ),
+    Divergence(
+        name="skew_forward_kl",
+        definition="KL(p || alpha p + (1 - alpha) q), DistiLLM's SKL; alpha -> 0 recovers forward_kl",
+        reference=_reference_skew_forward_kl,
+        closed_form=_closed_skew_forward_kl,
+        parameters=(SKEW_ALPHA,),
+    ),
+    Divergence(
+        name="skew_reverse_kl",
+        definition="KL(q || (1 - alpha) p + alpha q), DistiLLM's SRKL; alpha -> 0 recovers reverse_kl",
+        reference=_reference_skew_reverse_kl,
+        closed_form=_closed_skew_reverse_kl,
+        parameters=(SKEW_ALPHA,),
+    ),
+    Divergence(
+        name="generalized_jsd",
+        definition="beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q (GKD's convention)",
+        reference=_reference_generalized_jsd,
+        closed_form=_closed_generalized_jsd,
+        parameters=(JSD_BETA,),
+    ),
+    Divergence(
+        name="total_variation",
+        definition="1/2 sum_v |p_v - q_v|, in [0, 1]",
+        reference=_reference_total_variation,
+        closed_form=_closed_total_variation,
+    ),
+)
+"""Name -> :class:`Divergence`, the names configs use; each record is callable like a function."""
+
+
+def _hyper_parameters() -> dict[str, HyperParameter]:
+    found: dict[str, HyperParameter] = {}
+    for divergence in DIVERGENCES.values():
+        for parameter in divergence.parameters:
+            if found.setdefault(parameter.key, parameter) != parameter:
+                raise ValueError(f"two different hyper-parameters are set by objective.{parameter.key}")
+    return found
+
+
+HYPER_PARAMETERS: dict[str, HyperParameter] = _hyper_parameters()
+"""Config key -> hyper-parameter, over every registered divergence: one ``objective.<key>`` field each."""
+
+forward_kl = DIVERGENCES["forward_kl"]
+reverse_kl = DIVERGENCES["reverse_kl"]
+skew_forward_kl = DIVERGENCES["skew_forward_kl"]
+skew_reverse_kl = DIVERGENCES["skew_reverse_kl"]
+generalized_jsd = DIVERGENCES["generalized_jsd"]
+total_variation = DIVERGENCES["total_variation"]
+
+
+def get_divergence(name: str, **values: float) -> Callable[[Tensor, Tensor], Tensor]:
+    """The divergence called ``name``, its hyper-parameters bound: ``(student_logits, teacher_logits)``.
+
+    ``values`` are given by config key (``skew_alpha=0.1``, ``jsd_beta=0.5``: see ``HYPER_PARAMETERS``);
+    the divergence takes those it has, their defaults where left out, and ignores the others'.
     """
     if name not in DIVERGENCES:
         raise ValueError(f"unknown divergence {name!r}; choose one of {sorted(DIVERGENCES)}")
-    if name in ("skew_forward_kl", "skew_reverse_kl"):
-        _check_open_unit("skew_alpha", skew_alpha)
-        return partial(DIVERGENCES[name], alpha=skew_alpha)
-    if name == "generalized_jsd":
-        _check_open_unit("jsd_beta", jsd_beta)
-        return partial(DIVERGENCES[name], beta=jsd_beta)
-    return DIVERGENCES[name]
+    unknown = sorted(set(values) - set(HYPER_PARAMETERS))
+    if unknown:
+        raise TypeError(
+            f"unknown divergence hyper-parameter {unknown[0]!r}; known: {sorted(HYPER_PARAMETERS)}"
+        )
+    return DIVERGENCES[name].bind(**values)
