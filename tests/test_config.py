@@ -22,7 +22,8 @@ from distillm.config import (
 )
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-PRESETS = sorted(p for p in CONFIGS.rglob("*.yaml") if "accelerate" not in p.parts)
+BASES = sorted((CONFIGS / "base").glob("*.yaml"))  # parts of presets (their `base:`), not runnable alone
+PRESETS = sorted(p for p in CONFIGS.rglob("*.yaml") if "accelerate" not in p.parts and p not in BASES)
 
 
 def test_defaults_validate():

@@ -6,7 +6,8 @@ saving a checkpoint (rerun the printed command to resume). See docs/faults.md.
 
 Each subcommand lives in the module that does its work; that module provides
 ``add_arguments(parser)`` and ``run(args) -> int``. Modules are imported only when their subcommand runs,
-so ``distillm --help`` stays fast.
+so ``distillm --help`` stays fast. A subcommand registered with ``preset=True`` (its parser has ``--config``
+and KEY=VALUE ``overrides``) also gets ``--print-config``: print the resolved configuration and exit.
 """
 
 from __future__ import annotations
@@ -19,13 +20,18 @@ import sys
 from collections.abc import Sequence
 
 from distillm.errors import UserError
+from distillm.faults import TrainingStopped, resume_command
+from distillm.storage import StorageError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {}
+PRESET_COMMANDS: set[str] = set()  # the subcommands that read a preset (--config) and overrides
 
 
-def _register(name: str, module: str, help: str) -> None:
+def _register(name: str, module: str, help: str, preset: bool = False) -> None:
     COMMANDS[name] = (module, help)
+    if preset:
+        PRESET_COMMANDS.add(name)
 
 
 def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
@@ -41,7 +47,22 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
         sub_parser = sub.add_parser(name, help=help, description=help)
         if name == chosen:
             importlib.import_module(module).add_arguments(sub_parser)
+            if name in PRESET_COMMANDS:
+                sub_parser.add_argument(
+                    "--print-config",
+                    action="store_true",
+                    help="Print the resolved configuration (the preset over its bases, then the overrides) as "
+                    "YAML and exit.",
+                )
     return parser
+
+
+def print_config(args: argparse.Namespace) -> int:
+    """``--print-config``: the configuration a run would use, resolved and validated, on stdout."""
+    from distillm.config import dump_config, load_config  # imports torch (the divergence registry)
+
+    print(dump_config(load_config(args.config, args.overrides)), end="")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -57,12 +78,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     module = importlib.import_module(COMMANDS[args.command][0])
-    from distillm.faults import TrainingStopped, resume_command
-    from distillm.storage import StorageError
-
     # Only the first process of a launch says how to resume; every process exits with the same code.
     first = os.environ.get("RANK", "0") == "0"
     try:
+        if getattr(args, "print_config", False):
+            return print_config(args)
         return int(module.run(args) or 0)
     except TrainingStopped as stopped:
         if first:
@@ -79,7 +99,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-_register("train", "distillm.train", "Train a teacher or a student (SFT, KD, SeqKD, ImitKD, GKD, DistiLLM).")
+_register(
+    "train",
+    "distillm.train",
+    "Train a teacher or a student (SFT, KD, SeqKD, ImitKD, GKD, DistiLLM).",
+    preset=True,
+)
 _register("prepare", "distillm.data.prepare", "Tokenize a dataset, or write the bundled task suite.")
 _register(
     "prepare-pretrain",

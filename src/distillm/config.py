@@ -3,11 +3,13 @@
 A run's configuration is built in three layers, later ones winning:
 
 1. the defaults below,
-2. a YAML preset (``distillm train --config configs/tiny/kd.yaml``), nested like the dataclasses,
+2. a YAML preset (``distillm train --config configs/tiny/kd.yaml``), nested like the dataclasses, over the
+   preset its ``base:`` key names (if any, relative to the preset's file; a base may have a base),
 3. dotted ``key=value`` overrides on the command line (``train.max_steps=20 objective.divergence=skew_reverse_kl``),
    whose values are parsed as YAML scalars (``1e-4``, ``true``, ``null``, ``[q_proj, v_proj]``).
 
 Every field carries its help text in ``metadata["help"]``; ``distillm train --help`` is generated from it.
+``distillm train --config X --print-config`` prints the resolved result.
 An unknown key, a value of the wrong type or an out-of-range value raises :class:`ConfigError` naming the
 key (and the file it came from) and the value.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import os
 import re
 import types
 import typing
@@ -25,15 +28,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 import yaml
 
 from distillm.errors import UserError
+from distillm.losses.divergences import DIVERGENCES, HYPER_PARAMETERS
+from distillm.storage import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
 
 class ConfigError(UserError, ValueError):
-    """A configuration value that cannot be used; the message names the key and the value."""
+    """A configuration value that cannot be used; the message names the key and the value.
+
+    ``key``: the dotted key at fault, when there is one, so that the loader can name the file that set it.
+    """
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 def _field(default: Any, help: str, **kwargs: Any) -> Any:
@@ -68,7 +81,7 @@ def _yaml_load(text: str) -> Any:
 
 def _check(condition: bool, key: str, value: Any, requirement: str) -> None:
     if not condition:
-        raise ConfigError(f"{key}={value!r} is invalid: {requirement}")
+        raise ConfigError(f"{key}={value!r} is invalid: {requirement}", key)
 
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -158,14 +171,16 @@ class ObjectiveConfig:
 
     divergence: str | None = _field(
         None,
-        "Divergence between teacher and student, by name (forward_kl, reverse_kl, skew_forward_kl, "
-        "skew_reverse_kl, generalized_jsd, total_variation); null for plain fine-tuning.",
+        f"Divergence between teacher and student, by name ({', '.join(DIVERGENCES)}); null for plain "
+        "fine-tuning.",
     )
     kd_ratio: float = _field(0.0, "Weight of the divergence; 1 - kd_ratio weighs the CE on the labels.")
-    skew_alpha: float = _field(0.1, "alpha of the skew divergences (the paper's 0.1).")
-    jsd_beta: float = _field(
-        0.5, "beta of the generalized JSD, m = beta p + (1 - beta) q (GKD's convention)."
-    )
+    # One float field per divergence hyper-parameter (skew_alpha, jsd_beta): its default, help and range come
+    # from the divergence registry, so a divergence with a new hyper-parameter needs no edit here.
+    for _key, _parameter in HYPER_PARAMETERS.items():
+        __annotations__[_key] = "float"
+        locals()[_key] = _field(_parameter.default, _parameter.help)
+    del _key, _parameter
     lm_coef: float = _field(0.0, "Weight of the pretraining language-model term (needs data.pretrain).")
     chunk_size: int = _field(
         0, "Tokens per chunk for the memory-efficient loss path; 0 computes full logits at once."
@@ -173,8 +188,9 @@ class ObjectiveConfig:
 
     def validate(self, prefix: str) -> None:
         _check(0.0 <= self.kd_ratio <= 1.0, f"{prefix}.kd_ratio", self.kd_ratio, "must be in [0, 1]")
-        _check(0.0 < self.skew_alpha < 1.0, f"{prefix}.skew_alpha", self.skew_alpha, "must be in (0, 1)")
-        _check(0.0 < self.jsd_beta < 1.0, f"{prefix}.jsd_beta", self.jsd_beta, "must be in (0, 1)")
+        for key, parameter in HYPER_PARAMETERS.items():
+            value = getattr(self, key)
+            _check(parameter.contains(value), f"{prefix}.{key}", value, f"must be in {parameter.interval}")
         _check(self.lm_coef >= 0.0, f"{prefix}.lm_coef", self.lm_coef, "must be >= 0")
         _check(self.chunk_size >= 0, f"{prefix}.chunk_size", self.chunk_size, "must be >= 0")
         if self.kd_ratio > 0:
@@ -185,14 +201,16 @@ class ObjectiveConfig:
                 f"a divergence is required when {prefix}.kd_ratio > 0",
             )
         if self.divergence is not None:
-            from distillm.losses import DIVERGENCES  # local: keeps config importable without torch
-
             _check(
                 self.divergence in DIVERGENCES,
                 f"{prefix}.divergence",
                 self.divergence,
                 f"must be one of {sorted(DIVERGENCES)}",
             )
+
+    def hyper_parameters(self) -> dict[str, float]:
+        """The divergence hyper-parameters by config key (``{"skew_alpha": 0.1, ...}``), for ``get_divergence``."""
+        return {key: getattr(self, key) for key in HYPER_PARAMETERS}
 
 
 @dataclass(frozen=True)
@@ -425,8 +443,6 @@ class Config:
                 "a pretraining corpus is required when objective.lm_coef > 0",
             )
         if self.train.precision == "fp16":
-            import torch
-
             _check(
                 torch.cuda.is_available(),
                 "train.precision",
@@ -461,38 +477,38 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, option, key)
             except ConfigError as error:
                 errors.append(str(error))
-        raise ConfigError(f"{key}={value!r} is invalid: expected {_type_name(tp)}")
+        raise ConfigError(f"{key}={value!r} is invalid: expected {_type_name(tp)}", key)
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"{key}={value!r} is invalid: must be one of {list(args)}")
+            raise ConfigError(f"{key}={value!r} is invalid: must be one of {list(args)}", key)
         return value
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}={value!r} is invalid: expected a list")
+            raise ConfigError(f"{key}={value!r} is invalid: expected a list", key)
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(v, args[0], key) for v in value)
         if len(value) != len(args):
-            raise ConfigError(f"{key}={value!r} is invalid: expected a list of {len(args)} items")
+            raise ConfigError(f"{key}={value!r} is invalid: expected a list of {len(args)} items", key)
         return tuple(_coerce(v, a, key) for v, a in zip(value, args))
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
-            raise ConfigError(f"{key}={value!r} is invalid: expected a mapping of {tp.__name__} fields")
+            raise ConfigError(f"{key}={value!r} is invalid: expected a mapping of {tp.__name__} fields", key)
         return _from_mapping(tp, value, key)
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{key}={value!r} is invalid: expected true or false")
+            raise ConfigError(f"{key}={value!r} is invalid: expected true or false", key)
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}={value!r} is invalid: expected an integer")
+            raise ConfigError(f"{key}={value!r} is invalid: expected an integer", key)
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}={value!r} is invalid: expected a number")
+            raise ConfigError(f"{key}={value!r} is invalid: expected a number", key)
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key}={value!r} is invalid: expected a string")
+            raise ConfigError(f"{key}={value!r} is invalid: expected a string", key)
         return value
     raise TypeError(f"unsupported config annotation {tp!r} for {key}")
 
@@ -526,7 +542,7 @@ def _from_mapping(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(names)}"
-            raise ConfigError(f"unknown config key {dotted!r}{hint}")
+            raise ConfigError(f"unknown config key {dotted!r}{hint}", dotted)
         kwargs[key] = _coerce(value, hints[key], dotted)
     return cls(**kwargs)
 
@@ -583,38 +599,102 @@ def parse_overrides(overrides: Sequence[str]) -> list[tuple[str, Any]]:
     return parsed
 
 
+BASE_KEY = "base"
+"""A preset's top-level ``base: <path>`` names the preset it overrides, relative to its own file."""
+
+
 def load_config(
     path: str | Path | None = None,
     overrides: Sequence[str] = (),
     schema: type = Config,
     validate: bool = True,
 ) -> Any:
-    """Defaults <- YAML preset at ``path`` <- dotted ``overrides``; validated unless ``validate`` is false."""
+    """Defaults <- YAML preset at ``path`` (over its bases) <- dotted ``overrides``; validated unless ``validate`` is false.
+
+    An error names the file that set the key at fault: the preset, one of its bases, or (for an override)
+    the preset given.
+    """
     tree: dict[str, Any] = {}
+    origins: dict[str, Path] = {}
     source = "the command line"
     if path is not None:
         path = Path(path)
         source = str(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            loaded = _yaml_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: not valid YAML: {error}") from error
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(
-                f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}"
-            )
-        tree = loaded
+        tree, origins = resolve_preset(path)
     try:
         for key, value in parse_overrides(overrides):
             _set_dotted(tree, key, value, schema)
+            origins = {leaf: file for leaf, file in origins.items() if not _within(leaf, key)}
         config = _from_mapping(schema, tree)
         return config.validate() if validate else config
     except ConfigError as error:
-        raise ConfigError(f"{source}: {error}") from None
+        origin = origins.get(error.key) if error.key is not None else None
+        where = source if origin is None or origin == path else f"{origin} (a base of {path})"
+        raise ConfigError(f"{where}: {error}", error.key) from None
+
+
+def resolve_preset(path: Path, included_by: tuple[Path, ...] = ()) -> tuple[dict[str, Any], dict[str, Path]]:
+    """The preset at ``path`` merged over its bases: ``(tree, the file each dotted leaf key came from)``.
+
+    A preset's ``base: <file>`` (relative to the preset) is read first, recursively, and the preset's own
+    keys override it: mappings merge key by key, any other value (a list, null) replaces. A missing base and
+    a cycle of bases are errors naming the files.
+    """
+    if path.resolve() in [file.resolve() for file in included_by]:
+        cycle = " -> ".join(str(file) for file in (*included_by, path))
+        raise ConfigError(
+            f"{included_by[-1]}: its bases form a cycle ({cycle}); remove one of the base: keys"
+        )
+    if not path.is_file():
+        if included_by:
+            raise ConfigError(f"{included_by[-1]}: its base {path} does not exist; fix the base: path")
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        tree = _yaml_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from error
+    if tree is None:
+        tree = {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(tree).__name__}")
+    base = tree.pop(BASE_KEY, None)
+    origins = dict.fromkeys(_leaf_keys(tree), path)
+    if base is None:
+        return tree, origins
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(
+            f"{path}: base={base!r} is invalid: give the path of a YAML preset, relative to {path}"
+        )
+    base_tree, base_origins = resolve_preset(Path(os.path.normpath(path.parent / base)), (*included_by, path))
+    return _merged(base_tree, tree), {**base_origins, **origins}
+
+
+def _merged(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """``override`` over ``base``: mappings merge key by key, any other value replaces."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merged(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _leaf_keys(tree: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """The dotted keys of the non-mapping values of ``tree``; an empty mapping is a leaf too."""
+    keys = []
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            keys.extend(_leaf_keys(value, f"{dotted}."))
+        else:
+            keys.append(dotted)
+    return keys
+
+
+def _within(key: str, section: str) -> bool:
+    """``key`` is ``section`` itself or one of its sub-keys."""
+    return key == section or key.startswith(f"{section}.")
 
 
 def replace(config: Any, **dotted: Any) -> Any:
@@ -625,10 +705,13 @@ def replace(config: Any, **dotted: Any) -> Any:
     return _from_mapping(type(config), tree)
 
 
-def save_config(config: Any, path: str | Path) -> None:
-    from distillm.storage import atomic_write_text
+def dump_config(config: Any) -> str:
+    """``config`` as YAML, sections in the schema's order: what ``save_config`` writes, ``--print-config`` prints."""
+    return yaml.safe_dump(to_dict(config), sort_keys=False)
 
-    atomic_write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))
+
+def save_config(config: Any, path: str | Path) -> None:
+    atomic_write_text(path, dump_config(config))
 
 
 def describe_fields(schema: type = Config, prefix: str = "") -> list[tuple[str, str, Any, str]]:

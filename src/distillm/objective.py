@@ -208,7 +208,7 @@ class StudentObjective(nn.Module):
         self.vocab_size = vocab_size
         self.sharded = sharded
         self.divergence = (
-            get_divergence(objective.divergence, skew_alpha=objective.skew_alpha, jsd_beta=objective.jsd_beta)
+            get_divergence(objective.divergence, **objective.hyper_parameters())
             if objective.divergence is not None and objective.kd_ratio > 0
             else None
         )
