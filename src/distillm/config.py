@@ -31,6 +31,7 @@ from typing import Any, Literal
 import torch
 import yaml
 
+from distillm.data.formats import format_choices
 from distillm.errors import UserError
 from distillm.losses.divergences import DIVERGENCES, HYPER_PARAMETERS
 from distillm.storage import atomic_write_text
@@ -135,7 +136,7 @@ class DataConfig:
         "", "Training data: a file any `distillm prepare` format reads, or a hub dataset name."
     )
     dev: str | None = _field(None, "Dev data; null takes `dev_size` rows out of the training pool.")
-    format: str = _field("auto", "Data format: auto, dolly, minillm, alpaca or plain.")
+    format: str = _field("auto", f"Data format: {format_choices()}.")
     dev_size: int = _field(1000, "Rows taken from the training pool for the dev split when `dev` is null.")
     dev_split: Literal["first", "random"] = _field(
         "first", "How the dev rows are taken: the first rows (as the original) or a seeded random sample."

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from distillm.config import GenerationConfig
+from distillm.data.formats import format_choices
 from distillm.errors import UserError
 from distillm.metrics import exact_match, rouge_l, summarize
 from distillm.storage import atomic_write_text
@@ -403,7 +404,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--limit", type=int, default=0, help="Evaluate the first N rows of each set (0: all)."
     )
     parser.add_argument(
-        "--format", default="auto", help="Data format of file paths: auto, dolly, minillm, alpaca, plain."
+        "--format", default="auto", help=f"Data format of file paths: {format_choices(', ')}."
     )
     parser.add_argument(
         "--template",

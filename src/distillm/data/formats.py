@@ -1,11 +1,6 @@
-"""Reading instruction data: four row formats, JSON Lines or a JSON array, local files or hub datasets.
-
-| format    | fields                                                                 |
-|-----------|------------------------------------------------------------------------|
-| `dolly`   | `instruction`, `context`, `response`, `category` (databricks-dolly-15k) |
-| `minillm` | `instruction`, `input`, `output` (a string or a list), optional `prompt` (MiniLLM / DistiLLM files) |
-| `alpaca`  | `instruction`, `input`, `output`                                       |
-| `plain`   | `prompt`, `response` (or `references`, a list)                         |
+"""Reading instruction data: JSON Lines or a JSON array, local files or hub datasets, in one of the row formats
+of the ``FORMATS`` table (dolly: databricks-dolly-15k; minillm: MiniLLM / DistiLLM's processed files; alpaca;
+plain prompt / response pairs), each a :class:`Format` record: its fields, detection and parsing.
 
 ``format="auto"`` picks the format from the fields of the first row; every later row must then carry the
 fields that format requires. Rows whose prompt or response is empty are skipped and counted in the
@@ -18,7 +13,7 @@ import json
 import logging
 import random
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -26,8 +21,6 @@ from typing import Any
 from distillm.errors import UserError
 
 logger = logging.getLogger(__name__)
-
-FORMATS = ("dolly", "minillm", "alpaca", "plain")
 
 
 @dataclass(frozen=True)
@@ -169,38 +162,7 @@ def _hub_rows(name: str) -> Iterator[tuple[str, Any]]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Formats: each turns a row (a dict) into an Example or a skip reason.
-
-_REQUIRED: dict[str, tuple[tuple[str, ...], ...]] = {
-    # Each inner tuple lists alternatives: one of them must be present.
-    "dolly": (("instruction",), ("response",)),
-    "minillm": (("instruction",), ("output",)),
-    "alpaca": (("instruction",), ("output",)),
-    "plain": (("prompt",), ("response", "references")),
-}
-_FIELDS_HELP = {
-    "dolly": "instruction, context, response, category",
-    "minillm": "instruction, input, output (string or list), optional prompt",
-    "alpaca": "instruction, input, output",
-    "plain": "prompt, response (or references, a list)",
-}
-
-
-def detect_format(row: Mapping[str, Any], source: str) -> str:
-    """The format whose fields ``row`` carries; raises UserError naming the fields found otherwise."""
-    keys = set(row)
-    if "instruction" in keys and "response" in keys:
-        return "dolly"
-    if "instruction" in keys and "output" in keys:
-        # MiniLLM's processed files differ from Alpaca by a ready-made prompt or a list of references.
-        return "minillm" if "prompt" in keys or isinstance(row["output"], list) else "alpaca"
-    if "prompt" in keys and ("response" in keys or "references" in keys):
-        return "plain"
-    expected = "; ".join(f"{name} ({fields})" for name, fields in _FIELDS_HELP.items())
-    raise UserError(
-        f"{source}: cannot tell the data format from the fields found ({', '.join(sorted(keys)) or 'none'}); "
-        f"expected one of: {expected}. Rename the fields or pass --format"
-    )
+# Formats: each turns a row (a dict) into an Example. One record per format in FORMATS.
 
 
 def _text(row: Mapping[str, Any], key: str, source: str) -> str:
@@ -226,8 +188,127 @@ def _references(row: Mapping[str, Any], key: str, source: str) -> tuple[str, ...
     )
 
 
+def _parse_dolly(row: Mapping[str, Any], source: str) -> Example:
+    return Example(
+        instruction=_text(row, "instruction", source),
+        input=_text(row, "context", source),
+        references=(_text(row, "response", source),),
+        prompt=None,
+        source=source,
+        category=_text(row, "category", source),
+    )
+
+
+def _parse_alpaca(row: Mapping[str, Any], source: str, prompt: str | None = None) -> Example:
+    return Example(
+        instruction=_text(row, "instruction", source),
+        input=_text(row, "input", source),
+        references=_references(row, "output", source),
+        prompt=prompt or None,
+        source=source,
+        category=_text(row, "category", source),
+        ground_truth=_references(row, "reference", source) if "reference" in row else (),
+    )
+
+
+def _parse_minillm(row: Mapping[str, Any], source: str) -> Example:
+    prompt = _text(row, "prompt", source) if "prompt" in row else None
+    if prompt is not None:
+        prompt = prompt.replace("<n>", "\n")  # MiniLLM's files store the prompt's newlines as "<n>"
+    return _parse_alpaca(row, source, prompt)
+
+
+def _parse_plain(row: Mapping[str, Any], source: str) -> Example:
+    key = "references" if "references" in row else "response"
+    return Example(
+        instruction="",
+        input="",
+        references=_references(row, key, source),
+        prompt=_text(row, "prompt", source),
+        source=source,
+        category=_text(row, "category", source),
+    )
+
+
+@dataclass(frozen=True)
+class Format:
+    """One row format: its fields (for help and errors), the fields it requires, how it is recognised, parsed.
+
+    ``required``: each inner tuple lists alternatives, one of which must be present. ``detects(row)``: whether
+    a row is of this format, for ``format="auto"`` (tried in the order of ``FORMATS``, so a format that is a
+    special case of another comes before it). ``parse(row, source)``: the row as an Example.
+    """
+
+    name: str
+    fields: str
+    required: tuple[tuple[str, ...], ...]
+    detects: Callable[[Mapping[str, Any]], bool]
+    parse: Callable[[Mapping[str, Any], str], Example]
+
+
+# To add a format: write its parse function above and its record here (then test_data_formats.py's
+# ROUND_TRIPS gets one row of it). Detection, --format choices and every help text read this table.
+FORMATS: dict[str, Format] = {
+    format.name: format
+    for format in (
+        Format(
+            name="dolly",
+            fields="instruction, context, response, category",
+            required=(("instruction",), ("response",)),
+            detects=lambda row: "instruction" in row and "response" in row,
+            parse=_parse_dolly,
+        ),
+        Format(
+            # MiniLLM's processed files differ from Alpaca by a ready-made prompt or a list of references.
+            name="minillm",
+            fields="instruction, input, output (string or list), optional prompt",
+            required=(("instruction",), ("output",)),
+            detects=lambda row: (
+                "instruction" in row
+                and "output" in row
+                and ("prompt" in row or isinstance(row["output"], list))
+            ),
+            parse=_parse_minillm,
+        ),
+        Format(
+            name="alpaca",
+            fields="instruction, input, output",
+            required=(("instruction",), ("output",)),
+            detects=lambda row: "instruction" in row and "output" in row,
+            parse=_parse_alpaca,
+        ),
+        Format(
+            name="plain",
+            fields="prompt, response (or references, a list)",
+            required=(("prompt",), ("response", "references")),
+            detects=lambda row: "prompt" in row and ("response" in row or "references" in row),
+            parse=_parse_plain,
+        ),
+    )
+}
+"""Name -> :class:`Format`, in detection order."""
+
+
+def format_choices(last: str = " or ") -> str:
+    """``auto, dolly, minillm, alpaca or plain``: the values ``--format`` / ``data.format`` accept, for help."""
+    names = ["auto", *FORMATS]
+    return ", ".join(names[:-1]) + last + names[-1]
+
+
+def detect_format(row: Mapping[str, Any], source: str) -> str:
+    """The format whose fields ``row`` carries; raises UserError naming the fields found otherwise."""
+    for format in FORMATS.values():
+        if format.detects(row):
+            return format.name
+    expected = "; ".join(f"{format.name} ({format.fields})" for format in FORMATS.values())
+    raise UserError(
+        f"{source}: cannot tell the data format from the fields found ({', '.join(sorted(row)) or 'none'}); "
+        f"expected one of: {expected}. Rename the fields or pass --format"
+    )
+
+
 def _check_fields(row: Mapping[str, Any], format: str, source: str) -> None:
-    for alternatives in _REQUIRED[format]:
+    for alternatives in FORMATS[format].required:
         if not any(key in row for key in alternatives):
             wanted = " or ".join(repr(key) for key in alternatives)
             raise UserError(
@@ -238,37 +319,7 @@ def _check_fields(row: Mapping[str, Any], format: str, source: str) -> None:
 
 def _parse_row(row: Mapping[str, Any], format: str, source: str) -> Example:
     _check_fields(row, format, source)
-    if format == "plain":
-        key = "references" if "references" in row else "response"
-        return Example(
-            instruction="",
-            input="",
-            references=_references(row, key, source),
-            prompt=_text(row, "prompt", source),
-            source=source,
-            category=_text(row, "category", source),
-        )
-    if format == "dolly":
-        return Example(
-            instruction=_text(row, "instruction", source),
-            input=_text(row, "context", source),
-            references=(_text(row, "response", source),),
-            prompt=None,
-            source=source,
-            category=_text(row, "category", source),
-        )
-    prompt = _text(row, "prompt", source) if format == "minillm" and "prompt" in row else None
-    if prompt is not None:
-        prompt = prompt.replace("<n>", "\n")  # MiniLLM's files store the prompt's newlines as "<n>"
-    return Example(
-        instruction=_text(row, "instruction", source),
-        input=_text(row, "input", source),
-        references=_references(row, "output", source),
-        prompt=prompt or None,
-        source=source,
-        category=_text(row, "category", source),
-        ground_truth=_references(row, "reference", source) if "reference" in row else (),
-    )
+    return FORMATS[format].parse(row, source)
 
 
 def _skip_reason(example: Example) -> str | None:
