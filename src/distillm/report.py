@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from distillm.data.template import instruction_and_input
 from distillm.errors import UserError
 from distillm.storage import atomic_write_bytes, atomic_write_text
 
@@ -405,14 +406,11 @@ def example_table(predictions: dict[str, list[dict[str, Any]]], indices: Sequenc
 
 def _prompt_core(prompt: str) -> str:
     """The instruction and input of an Alpaca-template prompt, without the template's fixed text."""
-    marker = "### Instruction:\n"
     user = "<|im_start|>user\n"  # a ChatML chat template's user turn (SmolLM2, Qwen)
     if user in prompt:
         return prompt.split(user, 1)[1].split("<|im_end|>", 1)[0].strip()
-    if marker not in prompt:
-        return prompt.strip()
-    core = prompt.split(marker, 1)[1].replace("### Response:", "")
-    return core.replace("### Input:\n", "").strip()
+    core = instruction_and_input(prompt)
+    return prompt.strip() if core is None else core
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -12,15 +12,19 @@ if TYPE_CHECKING:
 
 TEMPLATES = ("alpaca", "chat")
 
-# Byte-exact with the original's tools/process_data_dolly.py (method reference, section 3.2).
+# The Alpaca templates' headers: the one home of this text (report.py strips them from prompts with
+# instruction_and_input). Byte-exact with the original's tools/process_data_dolly.py (method reference, 3.2).
+INSTRUCTION_HEADER = "### Instruction:\n"
+INPUT_HEADER = "### Input:\n"
+RESPONSE_HEADER = "### Response:\n"
 ALPACA_NO_INPUT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the "
-    "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+    f"request.\n\n{INSTRUCTION_HEADER}{{instruction}}\n\n{RESPONSE_HEADER}"
 )
 ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n"
-    "### Input:\n{input}\n\n### Response:\n"
+    f"Write a response that appropriately completes the request.\n\n{INSTRUCTION_HEADER}{{instruction}}\n\n"
+    f"{INPUT_HEADER}{{input}}\n\n{RESPONSE_HEADER}"
 )
 
 
@@ -64,3 +68,12 @@ def render_prompt(example: Example, template: str = "alpaca", tokenizer=None) ->
     return tokenizer.apply_chat_template(
         [{"role": "user", "content": message}], tokenize=False, add_generation_prompt=True
     )
+
+
+def instruction_and_input(prompt: str) -> str | None:
+    """The instruction and input of an Alpaca-template prompt without the template's fixed text, stripped;
+    None for a prompt without the template's instruction header."""
+    if INSTRUCTION_HEADER not in prompt:
+        return None
+    core = prompt.split(INSTRUCTION_HEADER, 1)[1].replace(RESPONSE_HEADER.rstrip("\n"), "")
+    return core.replace(INPUT_HEADER, "").strip()

@@ -1,8 +1,8 @@
 """Distillation losses: per-token divergences, masked reductions, and the chunked memory-efficient path.
 
-* ``divergences``: ``forward_kl``, ``reverse_kl``, ``skew_forward_kl``, ``skew_reverse_kl``,
-  ``generalized_jsd``, ``total_variation`` (logits ``[..., V]`` -> ``[...]``) and the ``DIVERGENCES``
-  registry that configs name;
+* ``divergences``: the ``DIVERGENCES`` registry that configs name, one :class:`Divergence` record per
+  divergence (``forward_kl``, ``reverse_kl``, ``skew_forward_kl``, ``skew_reverse_kl``, ``generalized_jsd``,
+  ``total_variation``: logits ``[..., V]`` -> ``[...]``) with its hyper-parameters (``HYPER_PARAMETERS``);
 * ``reduction``: token means over the valid tokens of the whole optimizer step, the per-token CE, and
   ``distillation_loss`` (the dense objective on logits);
 * ``chunked``: ``chunked_distillation_loss``, the same objective from hidden states, chunk by chunk;
@@ -15,6 +15,9 @@ See docs/losses.md for the formulas and conventions.
 from distillm.losses.chunked import chunked_distillation_loss
 from distillm.losses.divergences import (
     DIVERGENCES,
+    HYPER_PARAMETERS,
+    Divergence,
+    HyperParameter,
     forward_kl,
     generalized_jsd,
     get_divergence,
@@ -33,6 +36,9 @@ from distillm.losses.reduction import (
 
 __all__ = [
     "DIVERGENCES",
+    "HYPER_PARAMETERS",
+    "Divergence",
+    "HyperParameter",
     "LossParts",
     "chunked_distillation_loss",
     "distillation_loss",

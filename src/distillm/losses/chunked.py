@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from distillm import IGNORE_INDEX
-from distillm.losses.reduction import LossParts, _check_objective, token_cross_entropy
+from distillm.losses.reduction import LossParts, check_objective, token_cross_entropy
 
 __all__ = ["chunked_distillation_loss"]
 
@@ -184,7 +184,7 @@ def chunked_distillation_loss(
     teacher_rows = _teacher_rows(
         student_hidden, lm_head_weight, teacher_logits, teacher_hidden, teacher_head_weight, teacher_head_bias
     )
-    _check_objective(divergence, kd_ratio, teacher_rows is not None)
+    check_objective(divergence, kd_ratio, teacher_rows is not None)
     _check_student(student_hidden, lm_head_weight, labels, lm_head_bias, chunk_size)
 
     hidden = student_hidden.reshape(-1, student_hidden.shape[-1])  # [N, H]

@@ -18,7 +18,14 @@ from torch import Tensor
 
 from distillm import IGNORE_INDEX
 
-__all__ = ["LossParts", "distillation_loss", "masked_mean", "masked_sum", "token_cross_entropy"]
+__all__ = [
+    "LossParts",
+    "check_objective",
+    "distillation_loss",
+    "masked_mean",
+    "masked_sum",
+    "token_cross_entropy",
+]
 
 
 def _at_least_float32(values: Tensor) -> Tensor:
@@ -94,7 +101,7 @@ def distillation_loss(
     fine-tuning (then ``kd_ratio`` must be 0). ``num_tokens`` as in ``masked_mean``. For the memory-efficient
     path on hidden states, see ``distillm.losses.chunked``.
     """
-    _check_objective(divergence, kd_ratio, teacher_logits is not None)
+    check_objective(divergence, kd_ratio, teacher_logits is not None)
     mask = labels != IGNORE_INDEX  # [...]
     # With kd_ratio = 1 the CE is only logged: keep it out of the autograd graph.
     ce_input = student_logits.detach() if kd_ratio == 1.0 else student_logits
@@ -106,8 +113,11 @@ def distillation_loss(
     return LossParts(total=total, ce=ce.detach(), divergence=div.detach())
 
 
-def _check_objective(divergence: object, kd_ratio: float, has_teacher: bool) -> None:
-    """Reject combinations that would silently train on a different objective than asked."""
+def check_objective(divergence: object, kd_ratio: float, has_teacher: bool) -> None:
+    """Reject combinations that would silently train on a different objective than asked (ValueError).
+
+    Shared by the dense (``distillation_loss``) and the chunked (``chunked_distillation_loss``) paths.
+    """
     if not 0.0 <= kd_ratio <= 1.0:
         raise ValueError(f"kd_ratio must be in [0, 1], got {kd_ratio!r}")
     if divergence is None and kd_ratio > 0:
