@@ -4,12 +4,16 @@ properties and -inf (masked vocabulary) handling."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
 
 from distillm.losses import (
     DIVERGENCES,
+    HYPER_PARAMETERS,
+    Divergence,
+    HyperParameter,
     forward_kl,
     generalized_jsd,
     get_divergence,
@@ -18,6 +22,9 @@ from distillm.losses import (
     skew_reverse_kl,
     total_variation,
 )
+from distillm.losses import divergences as div
+from divergence_cases import bound, cases
+from numerics import rounding_bound
 
 # ---- float64 references, straight from the formulas (0 log 0 = 0) -------------------------------------
 
@@ -33,63 +40,53 @@ def _probs(student, teacher):
     return student.double().softmax(-1), teacher.double().softmax(-1)  # q, p
 
 
+# name -> the divergence in probability space, float64 (q: the student, p: the teacher); one line each. Every
+# registered divergence must have its line: the cases of this file and test_divergences_fused.py come from the
+# registry (tests/divergence_cases.py).
+DEFINITIONS = {
+    "forward_kl": lambda q, p: _kl(p, q),
+    "reverse_kl": lambda q, p: _kl(q, p),
+    "skew_forward_kl": lambda q, p, alpha: _kl(p, alpha * p + (1 - alpha) * q),
+    "skew_reverse_kl": lambda q, p, alpha: _kl(q, (1 - alpha) * p + alpha * q),
+    "generalized_jsd": lambda q, p, beta: (
+        beta * _kl(p, beta * p + (1 - beta) * q) + (1 - beta) * _kl(q, beta * p + (1 - beta) * q)
+    ),  # fmt: skip
+    "total_variation": lambda q, p: 0.5 * (p - q).abs().sum(-1),
+}
+
+
+def definition(name, **values):
+    """(student_logits, teacher_logits) -> the float64 definition of ``name`` at ``values``."""
+    return lambda student, teacher: DEFINITIONS[name](*_probs(student, teacher), **values)
+
+
 def ref_forward_kl(student, teacher):
-    q, p = _probs(student, teacher)
-    return _kl(p, q)
+    return definition("forward_kl")(student, teacher)
 
 
 def ref_reverse_kl(student, teacher):
-    q, p = _probs(student, teacher)
-    return _kl(q, p)
+    return definition("reverse_kl")(student, teacher)
 
 
 def ref_skew_forward_kl(student, teacher, alpha):
-    q, p = _probs(student, teacher)
-    return _kl(p, alpha * p + (1 - alpha) * q)
+    return definition("skew_forward_kl", alpha=alpha)(student, teacher)
 
 
 def ref_skew_reverse_kl(student, teacher, alpha):
-    q, p = _probs(student, teacher)
-    return _kl(q, (1 - alpha) * p + alpha * q)
+    return definition("skew_reverse_kl", alpha=alpha)(student, teacher)
 
 
 def ref_generalized_jsd(student, teacher, beta):
-    q, p = _probs(student, teacher)
-    m = beta * p + (1 - beta) * q
-    return beta * _kl(p, m) + (1 - beta) * _kl(q, m)
+    return definition("generalized_jsd", beta=beta)(student, teacher)
 
 
 def ref_total_variation(student, teacher):
-    q, p = _probs(student, teacher)
-    return 0.5 * (p - q).abs().sum(-1)
+    return definition("total_variation")(student, teacher)
 
 
-CASES = [  # (our function with its hyper-parameter bound, the reference)
-    ("forward_kl", forward_kl, ref_forward_kl),
-    ("reverse_kl", reverse_kl, ref_reverse_kl),
-    (
-        "skew_forward_kl a=0.1",
-        lambda s, t: skew_forward_kl(s, t, 0.1),
-        lambda s, t: ref_skew_forward_kl(s, t, 0.1),
-    ),
-    (
-        "skew_forward_kl a=0.7",
-        lambda s, t: skew_forward_kl(s, t, 0.7),
-        lambda s, t: ref_skew_forward_kl(s, t, 0.7),
-    ),
-    (
-        "skew_reverse_kl a=0.1",
-        lambda s, t: skew_reverse_kl(s, t, 0.1),
-        lambda s, t: ref_skew_reverse_kl(s, t, 0.1),
-    ),
-    (
-        "skew_reverse_kl a=0.7",
-        lambda s, t: skew_reverse_kl(s, t, 0.7),
-        lambda s, t: ref_skew_reverse_kl(s, t, 0.7),
-    ),
-    ("jsd b=0.5", lambda s, t: generalized_jsd(s, t, 0.5), lambda s, t: ref_generalized_jsd(s, t, 0.5)),
-    ("jsd b=0.1", lambda s, t: generalized_jsd(s, t, 0.1), lambda s, t: ref_generalized_jsd(s, t, 0.1)),
-    ("total_variation", total_variation, ref_total_variation),
+CASES = [  # (id, our divergence with its hyper-parameters bound, its float64 definition), from the registry
+    (label, bound(divergence, values), definition(divergence.name, **values))
+    for label, divergence, values in cases()
 ]
 IDS = [case[0] for case in CASES]
 
@@ -306,3 +303,89 @@ def test_unknown_names_and_out_of_range_hyper_parameters_are_rejected():
         get_divergence("skew_forward_kl", skew_alpha=1.0)
     with pytest.raises(ValueError, match="beta"):
         generalized_jsd(torch.zeros(1, 3), torch.zeros(1, 3), beta=0.0)
+
+
+def test_every_registered_divergence_has_its_float64_definition_in_this_file():
+    assert set(DEFINITIONS) == set(DIVERGENCES), "add the new divergence's one-line definition to DEFINITIONS"
+
+
+def _identity_bound(logits: torch.Tensor) -> torch.Tensor:
+    """How far from 0 a float64 divergence of a distribution with itself may come out, per row.
+
+    Each log ratio passes through at most 8 roundings (log-softmax, the mixture's shift and logaddexp, the
+    difference) of values of size |log p_v| + 1, and the row sums V such terms weighted by p_v: Higham's
+    gamma_(V + 8) times sum_v (p_v + 1 / V) (|log p_v| + 1) bounds it (the 1 / V covers the total variation's
+    unweighted differences).
+    """
+    log_p = logits.log_softmax(-1)
+    magnitude = ((log_p.exp() + 1 / logits.shape[-1]) * (log_p.abs() + 1)).sum(-1)
+    return rounding_bound(torch.float64, logits.shape[-1] + 8, 1.0) * magnitude
+
+
+@pytest.mark.parametrize(("name", "fn", "ref"), CASES, ids=IDS)
+def test_every_registered_divergence_is_zero_between_a_distribution_and_itself_in_float64(name, fn, ref):
+    logits = _logits(16, 11, seed=40).double()
+    shifted = logits + 3.0  # the same distribution, other rounding
+    for teacher in (logits.clone(), shifted):
+        value = fn(logits, teacher)
+        assert value.dtype == torch.float64
+        assert (value.abs() <= _identity_bound(logits)).all(), value.abs().max()
+
+
+@pytest.mark.parametrize(("name", "fn", "ref"), CASES, ids=IDS)
+def test_every_registered_divergence_is_non_negative_in_float64(name, fn, ref):
+    student, teacher = (
+        _logits(256, 13, scale=4.0, seed=41).double(),
+        _logits(256, 13, scale=4.0, seed=42).double(),
+    )
+    # The exact value is >= 0; rounding may take a near-zero one below by the identity bound's size at most.
+    bound_ = torch.maximum(_identity_bound(student), _identity_bound(teacher))
+    assert (fn(student, teacher) >= -bound_).all()
+
+
+def test_a_divergence_registered_without_a_closed_form_is_differentiated_through_its_reference():
+    # The same record as forward_kl, less the closed form: values and gradients are autograd's through the
+    # reference, bit for bit (the very same operations).
+    plain = Divergence(
+        name="forward_kl_autograd", definition="KL(p || q)", reference=div._reference_forward_kl
+    )
+    student, teacher = _logits(5, 13, seed=43), _logits(5, 13, seed=44)
+    s, s_ref = student.clone().requires_grad_(), student.clone().requires_grad_()
+    value, expected = plain(s, teacher), div._reference_forward_kl(s_ref, teacher)
+    assert "StudentGradient" not in type(value.grad_fn).__name__
+    (grad,) = torch.autograd.grad(value.sum(), s)
+    (want,) = torch.autograd.grad(expected.sum(), s_ref)
+    torch.testing.assert_close(value, expected, rtol=0, atol=0)
+    torch.testing.assert_close(grad, want, rtol=0, atol=0)
+    torch.testing.assert_close(value.double(), ref_forward_kl(student, teacher), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(DIVERGENCES))
+def test_hyper_parameters_are_checked_by_position_and_by_name_against_their_range(name):
+    divergence = DIVERGENCES[name]
+    student, teacher = _logits(2, 5, seed=45), _logits(2, 5, seed=46)
+    with pytest.raises(TypeError, match=name):
+        divergence(student, teacher, not_a_parameter=0.5)
+    with pytest.raises(TypeError, match=name):
+        divergence(student, teacher, *[0.5] * (len(divergence.parameters) + 1))
+    for parameter in divergence.parameters:
+        outside = parameter.high + 1.0 if math.isfinite(parameter.high) else parameter.low - 1.0
+        interval = re.escape(parameter.interval)
+        with pytest.raises(ValueError, match=rf"{parameter.argument} must be in {interval}"):
+            divergence(student, teacher, **{parameter.argument: outside})
+        with pytest.raises(ValueError, match=rf"{parameter.key} must be in {interval}"):
+            get_divergence(name, **{parameter.key: outside})
+
+
+def test_get_divergence_rejects_a_hyper_parameter_no_divergence_has():
+    with pytest.raises(TypeError, match="skew_beta"):
+        get_divergence("skew_forward_kl", skew_beta=0.3)
+
+
+def test_hyper_parameter_intervals_say_which_ends_they_include():
+    half_open = HyperParameter(
+        argument="a", key="k", default=0.5, low=0.0, high=1.0, help="h", includes_low=True
+    )
+    assert half_open.interval == "[0, 1)"
+    assert half_open.contains(0.0) and not half_open.contains(1.0)
+    assert HYPER_PARAMETERS["skew_alpha"].interval == "(0, 1)"
