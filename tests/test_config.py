@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -200,3 +201,127 @@ def test_minillm_defaults_are_the_original_scripts_values_and_validate():
 def test_minillm_invalid_values_name_the_field_and_the_value(field, value):
     with pytest.raises(ConfigError, match=rf"minillm\.{field}={value!r}"):
         dataclasses.replace(MiniLLMConfig(), **{field: value}).validate("minillm")
+
+
+# ---- the divergence registry's hyper-parameters and the formats' help ----------------------------------------
+
+
+def test_every_divergence_hyper_parameter_is_an_objective_field_with_its_default_and_help():
+    from distillm.config import ObjectiveConfig
+    from distillm.losses import DIVERGENCES, HYPER_PARAMETERS
+
+    fields = {f.name: f for f in dataclasses.fields(ObjectiveConfig)}
+    for key, parameter in HYPER_PARAMETERS.items():
+        assert fields[key].default == parameter.default and fields[key].metadata["help"] == parameter.help
+    assert ObjectiveConfig().hyper_parameters() == {k: p.default for k, p in HYPER_PARAMETERS.items()}
+    divergence_help = fields["divergence"].metadata["help"]
+    assert all(name in divergence_help for name in DIVERGENCES)
+
+
+@pytest.mark.parametrize("key", ["skew_alpha", "jsd_beta"])
+def test_an_out_of_range_hyper_parameter_is_rejected_naming_the_field_and_the_range(key):
+    from distillm.losses import HYPER_PARAMETERS
+
+    parameter = HYPER_PARAMETERS[key]
+    for outside in (parameter.low - 1.0, parameter.high + 1.0):
+        message = rf"objective\.{key}={outside!r} is invalid: must be in {re.escape(parameter.interval)}"
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, ["model.student=s", f"objective.{key}={outside}"])
+
+
+def test_every_registered_hyper_parameter_has_a_range_test_above():
+    from distillm.losses import HYPER_PARAMETERS
+
+    assert set(HYPER_PARAMETERS) == {"skew_alpha", "jsd_beta"}, "add the new key to the parametrize above"
+
+
+def test_the_data_format_help_names_every_format():
+    from distillm.config import DataConfig
+    from distillm.data.formats import FORMATS
+
+    help_text = {f.name: f for f in dataclasses.fields(DataConfig)}["format"].metadata["help"]
+    assert all(name in help_text for name in ("auto", *FORMATS))
+
+
+# ---- presets over bases --------------------------------------------------------------------------------------
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_a_preset_overrides_its_base_key_by_key_and_a_base_may_have_a_base(tmp_path):
+    write(tmp_path / "base" / "root.yaml", "seed: 3\ntrain:\n  lr: 0.1\n  epochs: 4\n  report_to: [wandb]\n")
+    write(
+        tmp_path / "base" / "family.yaml",
+        "base: root.yaml\nmodel:\n  student: s\ntrain:\n  epochs: 5\n  batch_size: 2\n",
+    )
+    preset = write(
+        tmp_path / "pair" / "run.yaml",
+        "base: ../base/family.yaml\ntrain:\n  lr: 0.2\n  report_to: []\ndata:\n  dev: null\n",
+    )
+    config = load_config(preset, ["train.batch_size=3"])
+    assert (config.seed, config.model.student) == (3, "s")  # from the bases
+    assert (config.train.lr, config.train.epochs, config.train.batch_size) == (0.2, 5, 3)
+    assert config.train.report_to == ()  # a list replaces, it does not merge
+    assert config.data.dev is None
+
+
+def test_a_cycle_of_bases_is_an_error_naming_the_files(tmp_path):
+    write(tmp_path / "a.yaml", "base: b.yaml\nseed: 1\n")
+    write(tmp_path / "b.yaml", "base: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"cycle \(.*a\.yaml -> .*b\.yaml -> .*a\.yaml\)"):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_a_missing_base_is_an_error_naming_the_preset_and_the_base(tmp_path):
+    preset = write(tmp_path / "p.yaml", "base: nowhere/base.yaml\n")
+    with pytest.raises(ConfigError, match=r"p\.yaml: its base .*nowhere/base\.yaml does not exist"):
+        load_config(preset)
+    write(tmp_path / "q.yaml", "base: [a.yaml]\n")
+    with pytest.raises(ConfigError, match=r"q\.yaml: base=\['a\.yaml'\] is invalid"):
+        load_config(tmp_path / "q.yaml")
+
+
+def test_a_bad_key_or_value_in_a_base_names_the_base(tmp_path):
+    write(tmp_path / "base.yaml", "objective:\n  kd_ratio: 2.0\ntrain:\n  batch_siz: 2\n")
+    preset = write(tmp_path / "p.yaml", "base: base.yaml\nmodel:\n  student: s\n")
+    with pytest.raises(
+        ConfigError, match=r"base\.yaml \(a base of .*p\.yaml\): unknown config key 'train\.batch_siz'"
+    ):
+        load_config(preset)
+    write(tmp_path / "base.yaml", "objective:\n  kd_ratio: 2.0\n")
+    with pytest.raises(
+        ConfigError, match=r"base\.yaml \(a base of .*p\.yaml\): objective\.kd_ratio=2\.0 is invalid"
+    ):
+        load_config(preset)
+    # the same key set again by the preset or on the command line is theirs
+    with pytest.raises(ConfigError, match=r"^\S*p\.yaml: objective\.kd_ratio=3\.0"):
+        load_config(preset, ["objective.kd_ratio=3.0"])
+
+
+def _bases_of(path: Path) -> list[Path]:
+    tree = yaml.safe_load(path.read_text()) or {}
+    if "base" not in tree:
+        return []
+    base = (path.parent / tree["base"]).resolve()
+    return [base, *_bases_of(base)]
+
+
+def test_every_base_is_used_by_a_preset_and_holds_only_known_keys():
+    assert {base.resolve() for base in BASES} == {base for preset in PRESETS for base in _bases_of(preset)}
+    for base in BASES:
+        load_config(base, validate=False)  # an unknown key or a wrong type raises
+
+
+def test_print_config_prints_the_resolved_configuration_and_exits(capsys):
+    from distillm.cli import main
+
+    preset = CONFIGS / "gpt2" / "kd-base.yaml"
+    assert main(["train", "--config", str(preset), "--print-config", "train.lr=0.001"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed == to_dict(load_config(preset, ["train.lr=0.001"]))
+    assert printed["data"]["dev_size"] == 1000 and printed["train"]["lr"] == 0.001  # base, override
+    assert main(["train", "--config", str(preset), "--print-config", "train.lr=-1"]) == 2  # still validated
