@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
 from distillm.data import Example, read_examples, split_dev
+from distillm.data.formats import FORMATS, format_choices
 from distillm.errors import UserError
 
 
@@ -241,3 +243,60 @@ def test_a_dev_split_that_leaves_no_training_rows_or_an_unknown_method_is_an_err
     with pytest.raises(UserError, match="'last'"):
         split_dev(examples_numbered(3), 1, how="last")
     assert split_dev(examples_numbered(3), 0) == (examples_numbered(3), [])
+
+
+# ---- the FORMATS table -----------------------------------------------------------------------------------------
+
+# format -> (a row of it, the example it reads as, its source aside); one line each: a new format adds its own.
+ROUND_TRIPS = {
+    "dolly": (
+        {"instruction": "Sort.", "context": "b a", "response": "a b", "category": "c"},
+        Example("Sort.", "b a", ("a b",), None, "", "c"),
+    ),  # fmt: skip
+    "minillm": (
+        {"instruction": "Sort.", "input": "b a", "output": ["a b", "ab"], "prompt": "S:<n>b a"},
+        Example("Sort.", "b a", ("a b", "ab"), "S:\nb a", ""),
+    ),  # fmt: skip
+    "alpaca": (
+        {"instruction": "Sort.", "input": "b a", "output": "a b", "reference": "a  b"},
+        Example("Sort.", "b a", ("a b",), None, "", ground_truth=("a  b",)),
+    ),  # fmt: skip
+    "plain": (
+        {"prompt": "Sort: b a\n", "references": ["a b"], "category": "c"},
+        Example("", "", ("a b",), "Sort: b a\n", "", "c"),
+    ),  # fmt: skip
+}
+
+
+def test_every_format_has_a_round_trip_row():
+    assert set(ROUND_TRIPS) == set(FORMATS), "add a row of the new format to ROUND_TRIPS"
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_every_format_is_detected_from_its_row_and_parsed_into_its_example(tmp_path, name):
+    row, expected = ROUND_TRIPS[name]
+    path = write_jsonl(tmp_path / "x.jsonl", [row, row])
+    for format in ("auto", name):
+        examples, report = read_examples(str(path), format=format)
+        assert report.format == name
+        assert examples == [replace(expected, source=f"{path}:{line}") for line in (1, 2)]
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_every_required_field_of_every_format_is_reported_missing_by_name(tmp_path, name):
+    row, _ = ROUND_TRIPS[name]
+    for alternatives in FORMATS[name].required:
+        partial_row = {key: value for key, value in row.items() if key not in alternatives}
+        path = write_jsonl(tmp_path / "x.jsonl", [partial_row])
+        with pytest.raises(
+            UserError, match=rf"x\.jsonl:1: missing field '{alternatives[0]}'.* the {name} format"
+        ):
+            read_examples(str(path), format=name)
+
+
+def test_undetectable_rows_list_every_format_with_its_fields(tmp_path):
+    path = write_jsonl(tmp_path / "x.jsonl", [{"question": "q", "answer": "a"}])
+    with pytest.raises(UserError) as error:
+        read_examples(str(path))
+    assert all(f"{name} ({format.fields})" in str(error.value) for name, format in FORMATS.items())
+    assert format_choices() == "auto, " + ", ".join(list(FORMATS)[:-1]) + " or " + list(FORMATS)[-1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from distillm.data import Example, render_prompt
+from distillm.data.template import instruction_and_input
 from distillm.errors import UserError
 
 
@@ -58,3 +59,11 @@ def test_the_chat_template_without_a_tokenizer_that_has_one_is_an_error(tiny_tok
 def test_an_unknown_template_is_an_error():
     with pytest.raises(UserError, match="unknown template 'vicuna'"):
         render_prompt(example("Hi."), "vicuna")
+
+
+def test_instruction_and_input_strip_exactly_the_templates_fixed_text():
+    assert instruction_and_input(render_prompt(example("Name three colors."))) == "Name three colors."
+    assert instruction_and_input(render_prompt(example("Sort the words.", "pear apple"))) == (
+        "Sort the words.\n\npear apple"
+    )
+    assert instruction_and_input("Q: 1+1?\nA:") is None  # not an Alpaca prompt
