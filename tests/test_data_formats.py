@@ -247,24 +247,24 @@ def test_a_dev_split_that_leaves_no_training_rows_or_an_unknown_method_is_an_err
 
 # ---- the FORMATS table -----------------------------------------------------------------------------------------
 
-# format -> (a row of it, the example it reads as, its source aside); one line each: a new format adds its own.
+# format -> (a row of it, the example it reads as, its source aside): a new format adds one entry.
 ROUND_TRIPS = {
     "dolly": (
         {"instruction": "Sort.", "context": "b a", "response": "a b", "category": "c"},
         Example("Sort.", "b a", ("a b",), None, "", "c"),
-    ),  # fmt: skip
+    ),
     "minillm": (
         {"instruction": "Sort.", "input": "b a", "output": ["a b", "ab"], "prompt": "S:<n>b a"},
         Example("Sort.", "b a", ("a b", "ab"), "S:\nb a", ""),
-    ),  # fmt: skip
+    ),
     "alpaca": (
         {"instruction": "Sort.", "input": "b a", "output": "a b", "reference": "a  b"},
         Example("Sort.", "b a", ("a b",), None, "", ground_truth=("a  b",)),
-    ),  # fmt: skip
+    ),
     "plain": (
         {"prompt": "Sort: b a\n", "references": ["a b"], "category": "c"},
         Example("", "", ("a b",), "Sort: b a\n", "", "c"),
-    ),  # fmt: skip
+    ),
 }
 
 

@@ -40,8 +40,8 @@ def _probs(student, teacher):
     return student.double().softmax(-1), teacher.double().softmax(-1)  # q, p
 
 
-# name -> the divergence in probability space, float64 (q: the student, p: the teacher); one line each. Every
-# registered divergence must have its line: the cases of this file and test_divergences_fused.py come from the
+# name -> the divergence in probability space, float64 (q: the student, p: the teacher), one entry each. Every
+# registered divergence must have its entry: the cases of this file and test_divergences_fused.py come from the
 # registry (tests/divergence_cases.py).
 DEFINITIONS = {
     "forward_kl": lambda q, p: _kl(p, q),
@@ -50,7 +50,7 @@ DEFINITIONS = {
     "skew_reverse_kl": lambda q, p, alpha: _kl(q, (1 - alpha) * p + alpha * q),
     "generalized_jsd": lambda q, p, beta: (
         beta * _kl(p, beta * p + (1 - beta) * q) + (1 - beta) * _kl(q, beta * p + (1 - beta) * q)
-    ),  # fmt: skip
+    ),
     "total_variation": lambda q, p: 0.5 * (p - q).abs().sum(-1),
 }
 
