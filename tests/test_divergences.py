@@ -269,7 +269,8 @@ def test_extreme_logits_do_not_underflow_the_mixture_into_nan():
 
 
 def test_registry_names_the_six_divergences():
-    assert set(DIVERGENCES) == {
+    # at least these six (presets and docs name them); a new divergence only adds to them
+    assert set(DIVERGENCES) >= {
         "forward_kl",
         "reverse_kl",
         "skew_forward_kl",
