@@ -363,6 +363,9 @@ class Divergence:
     closed_form: Callable[..., tuple[Tensor, Tensor | None]] | None = None
     parameters: tuple[HyperParameter, ...] = ()
 
+    def __repr__(self) -> str:
+        return f"Divergence({self.name!r})"
+
     def __call__(
         self, student_logits: Tensor, teacher_logits: Tensor, *values: float, **named: float
     ) -> Tensor:
