@@ -12,7 +12,9 @@ import yaml
 from distillm.config import (
     Config,
     ConfigError,
+    DataConfig,
     MiniLLMConfig,
+    ObjectiveConfig,
     describe_fields,
     format_help,
     load_config,
@@ -21,6 +23,7 @@ from distillm.config import (
     save_config,
     to_dict,
 )
+from distillm.data.formats import FORMATS
 from distillm.losses import DIVERGENCES, HYPER_PARAMETERS
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -162,8 +165,6 @@ def test_train_help_comes_from_the_field_docs(capsys):
 
 
 def test_the_removed_num_workers_key_is_gone_from_the_schema_and_ignored_with_a_warning(tmp_path, caplog):
-    from distillm.config import DataConfig
-
     assert "num_workers" not in {f.name for f in dataclasses.fields(DataConfig)}  # nothing reads it
     preset = tmp_path / "old.yaml"
     preset.write_text("data:\n  num_workers: 4\n  max_length: 64\n  max_prompt_length: 32\n")
@@ -208,8 +209,6 @@ def test_minillm_invalid_values_name_the_field_and_the_value(field, value):
 
 
 def test_every_divergence_hyper_parameter_is_an_objective_field_with_its_default_and_help():
-    from distillm.config import ObjectiveConfig
-
     fields = {f.name: f for f in dataclasses.fields(ObjectiveConfig)}
     for key, parameter in HYPER_PARAMETERS.items():
         assert fields[key].default == parameter.default and fields[key].metadata["help"] == parameter.help
@@ -228,9 +227,6 @@ def test_an_out_of_range_hyper_parameter_is_rejected_naming_the_field_and_the_ra
 
 
 def test_the_data_format_help_names_every_format():
-    from distillm.config import DataConfig
-    from distillm.data.formats import FORMATS
-
     help_text = {f.name: f for f in dataclasses.fields(DataConfig)}["format"].metadata["help"]
     assert all(name in help_text for name in ("auto", *FORMATS))
 
