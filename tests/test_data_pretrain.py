@@ -426,3 +426,39 @@ def test_a_prepared_folder_made_with_another_vocabulary_is_refused(tiny_tokenize
     write_manifest(tmp_path / "out")  # as a folder really prepared with that tokenizer would be
     with pytest.raises(UserError, match=rf"a tokenizer of 50257 tokens .* has {len(tiny_tokenizer)} tokens"):
         load_pretrain(tmp_path / "out", tiny_tokenizer)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The presets that use the LM term.
+
+_PAPER_CHUNKS = {"gpt2": 10_000_000, "opt": 1_000_000, "openllama2": 1_000_000}  # method reference, 3.1
+
+
+@pytest.mark.parametrize("family", sorted(_PAPER_CHUNKS))
+def test_presets_with_the_lm_term_point_at_the_folder_their_header_command_prepares_at_the_papers_size(
+    family,
+):
+    import argparse
+    import shlex
+    from pathlib import Path
+
+    from distillm.config import load_config
+
+    presets = sorted((Path(__file__).resolve().parent.parent / "configs" / family).glob("*.yaml"))
+    using = [(path, load_config(path)) for path in presets]
+    using = [(path, config) for path, config in using if config.objective.lm_coef > 0]
+    assert using, f"no {family} preset uses the LM term"
+    parser = argparse.ArgumentParser()
+    pretrain_module.add_arguments(parser)
+    for path, config in using:
+        header = [line[1:].strip() for line in path.read_text().splitlines() if line.startswith("#")]
+        start = next(i for i, line in enumerate(header) if line.startswith("distillm prepare-pretrain"))
+        command = " ".join(line.rstrip("\\").strip() for line in header[start : start + 2])
+        args = parser.parse_args(shlex.split(command)[2:])  # a command the real parser accepts
+        assert args.out == config.data.pretrain, path
+        assert (args.max_chunks, args.dev_chunks, args.chunk_length) == (
+            _PAPER_CHUNKS[family],
+            10_000,
+            512,
+        ), path
+        assert args.dataset == "openwebtext" and args.chunk_length <= config.data.max_length, path
