@@ -196,7 +196,7 @@ def main() -> None:
 
     from distillm.tokenizer import train_bpe_tokenizer
 
-    print(f"CPU: {_cpu()}; load average before: {os.getloadavg()[0]:.2f}; tokenizer threads: {args.threads}")
+    print(f"CPU: {_cpu()}; tokenizer threads: {args.threads}; {_uptime()}")
     rows = []
     with tempfile.TemporaryDirectory(dir=args.tmp, prefix="pretrain-bench-") as folder:
         folder = Path(folder)
@@ -216,16 +216,22 @@ def main() -> None:
             paths = [str(corpus), str(tokenizer_dir), str(out)]
             prepared = _run_child(["prepare", *paths], args.threads)
             shutil.rmtree(out)
-            print(f"  prepare: {json.dumps(prepared)}; load {os.getloadavg()[0]:.2f}")
+            print(f"  prepare: {json.dumps(prepared)}; {_uptime()}")
             compared = None
             if args.compare is None or label in args.compare.split(","):
                 compared = _run_child(["compare", *paths, "1" if args.fast else "0"], args.threads)
                 assert prepared["tokens"] == compared["tokens"]["prepare"] == compared["tokens"]["encode"]
-                print(f"  compare: {json.dumps(compared)}; load {os.getloadavg()[0]:.2f}")
+                print(f"  compare: {json.dumps(compared)}; {_uptime()}")
             shutil.rmtree(corpus)
             rows.append((megabytes, prepared, compared))
-    print(f"\nload average after: {os.getloadavg()[0]:.2f} (1 min), {os.getloadavg()[1]:.2f} (5 min)")
+    print(f"\nafter: {_uptime()}")
     _print_table(rows)
+
+
+def _uptime() -> str:
+    """The clock and the load averages, as `uptime` prints them: the figures of a shared machine need them."""
+    one, five, fifteen = os.getloadavg()
+    return f"{time.strftime('%H:%M:%S')} load average: {one:.2f}, {five:.2f}, {fifteen:.2f}"
 
 
 def _cpu() -> str:

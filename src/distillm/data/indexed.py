@@ -375,7 +375,7 @@ class IndexedInstructionData:
         )
 
     def _read_jsonl(self) -> list:
-        return [row for _, row in _jsonl_rows(self.jsonl)]
+        return [row for _, _, row in _jsonl_rows(self.jsonl)]
 
     # ---- checks
 
@@ -419,8 +419,7 @@ class IndexedInstructionData:
                 "original writes one row per item, in the same order: this .jsonl belongs to other files "
                 "(remove it, and the references are decoded from the ids)"
             )
-        for line, row in _jsonl_rows(self.jsonl, limit=min(len(self._sizes), _CHECKED_ROWS)):
-            item = line - 1
+        for line, item, row in _jsonl_rows(self.jsonl, limit=min(len(self._sizes), _CHECKED_ROWS)):
             ids, cut = self.tokens[item], int(self._separators[item])
             stored_prompt = (ids if cut < 0 else ids[:cut]).tolist()
             prompt = tokenizer.encode(row.prompt, add_special_tokens=False)
@@ -449,18 +448,21 @@ def _jsonl_beside(prefix: str) -> Path | None:
 
 
 def _jsonl_rows(path: Path, limit: int | None = None):
-    """``(line, Example)`` of the original's ``{split}.jsonl``: ``instruction``, ``prompt`` (the rendered
-    template, as encoded), ``input``, ``output`` (a string or a list)."""
+    """``(line, item, Example)`` of the original's ``{split}.jsonl``, blank lines skipped: ``instruction``,
+    ``prompt`` (the rendered template, as encoded), ``input``, ``output`` (a string or a list)."""
     import json
 
     from distillm.data.formats import Example
 
-    with open(path, encoding="utf-8") as handle:
-        for line, text in enumerate(handle, 1):
-            if limit is not None and line > limit:
+    with open(path, "rb") as handle:
+        item = 0
+        for line, raw in enumerate(handle, 1):
+            if limit is not None and item >= limit:
                 return
+            if not raw.strip():
+                continue
             try:
-                row = json.loads(text)
+                row = json.loads(raw.decode("utf-8"))
                 outputs = row["output"]
                 outputs = [outputs] if isinstance(outputs, str) else list(outputs)
                 prompt = str(row["prompt"])  # the exact text the original encoded
@@ -476,7 +478,8 @@ def _jsonl_rows(path: Path, limit: int | None = None):
                     f"{path}:{line}: not a row of the original's processed data ({error!r}); each line is a "
                     "JSON object with prompt and output (instruction and input too)"
                 ) from None
-            yield line, example
+            yield line, item, example
+            item += 1
 
 
 def load_indexed_instruction(data, tokenizer, cache_dir: str | Path, seed: int = 0, batch_size: int = 1):
