@@ -99,6 +99,8 @@ def find_shards(path: str | Path, split: str = "train") -> list[str]:
     or ``.bin`` file; or a raw prefix (``dir/train`` for ``dir/train_0.idx``, as the original joins paths).
     Returns ``[]`` when there is no MMIDIDX data there."""
     text = str(path)
+    if not text:
+        return []  # Path("") is the current folder: an unset path is no data
     if text.endswith((".idx", ".bin")):
         return [text[:-4]] if Path(text[:-4] + ".idx").is_file() else []
     base = str(Path(text) / split) if Path(text).is_dir() else text
