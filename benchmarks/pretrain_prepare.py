@@ -11,7 +11,10 @@ documents of log-normal length around 900 words, like OpenWebText). Then, in chi
 - `compare`: part by part, the same `pack_corpus` on the part, and the Rust tokenizer's `encode_batch` on
   the part's documents in the same batches, read the same way, timing only the tokenizer calls: the floor.
   The two alternate part by part (which goes first alternates too), so that the other users' load, which
-  drifts over minutes on a shared machine, hits both alike. The ratio is over the whole text.
+  drifts over minutes on a shared machine, hits both alike. The ratio is over the whole text, in wall time
+  and in CPU time (all the process' threads): on a loaded machine the wall-time ratio favours `prepare`,
+  whose two busy threads (reading, encoding) get two shares of the scheduler; the CPU-time ratio says what
+  reading, packing and writing cost on top of the tokenizer whatever the load.
 
 Both children get the same `RAYON_NUM_THREADS` (`--threads`). The tokenizer is a byte-level BPE
 (vocabulary `--vocab`) trained on the start of the corpus. Goals: peak memory within 10% between sizes and
@@ -112,27 +115,30 @@ def child_compare(corpus: str, tokenizer_dir: str, out: str, fast: str) -> dict:
     if fast == "1":
         calls["encode_batch_fast"] = backend.encode_batch_fast
     seconds = dict.fromkeys(["prepare", *calls], 0.0)
+    cpu = dict.fromkeys(["prepare", *calls], 0.0)  # CPU seconds of the whole process, all its threads
     tokens = {"prepare": 0, "encode": 0}
 
     def prepare(part: Path) -> None:
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         tokens["prepare"] += pack_corpus(TextCorpus([part]), tokenizer, out, 512)["tokens"]
         seconds["prepare"] += time.perf_counter() - start
+        cpu["prepare"] += time.process_time() - start_cpu
         shutil.rmtree(out)
 
     def encode(part: Path) -> None:
         for number, batch in enumerate(_batches(TextCorpus([part]).documents(), _BATCH_CHARS)):
             order = list(calls.items()) if number % 2 else list(calls.items())[::-1]
             for name, call in order:
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 encodings = call(batch, add_special_tokens=False)
                 seconds[name] += time.perf_counter() - start
+                cpu[name] += time.process_time() - start_cpu
             tokens["encode"] += sum(len(e.ids) for e in encodings) + len(batch)  # + EOS per document
 
     for number, part in enumerate(_parts(corpus)):
         for step in (prepare, encode) if number % 2 == 0 else (encode, prepare):
             step(part)
-    return {"tokens": tokens, "seconds": seconds}
+    return {"tokens": tokens, "seconds": seconds, "cpu_seconds": cpu}
 
 
 def _run_child(args: list[str], threads: int) -> dict:
@@ -148,24 +154,26 @@ def _run_child(args: list[str], threads: int) -> dict:
 def _print_table(rows) -> None:
     print(
         "| corpus | tokens | prepare, whole corpus | prepare, part by part | encode_batch, part by part "
-        "| prepare / encode_batch | peak RSS | RSS after set-up |"
+        "| prepare / encode_batch | the same in CPU time | peak RSS | RSS after set-up |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     peaks = []
     for megabytes, prepared, compared in rows:
         tokens = prepared["tokens"]
         peaks.append(prepared["peak"])
         if compared is None:
             print(
-                f"| {megabytes:.0f} MB | {tokens:,} | {tokens / prepared['seconds']:,.0f} tok/s | - | - | - | "
+                f"| {megabytes:.0f} MB | {tokens:,} | {tokens / prepared['seconds']:,.0f} tok/s | - | - | - | - | "
                 f"{prepared['peak'] / 2**20:.0f} MiB | {prepared['base'] / 2**20:.0f} MiB |"
             )
             continue
         rates = {name: tokens / seconds for name, seconds in compared["seconds"].items()}
+        cpu = compared["cpu_seconds"]
         print(
             f"| {megabytes:.0f} MB | {tokens:,} | {tokens / prepared['seconds']:,.0f} tok/s | "
             f"{rates['prepare']:,.0f} tok/s | {rates['encode_batch']:,.0f} tok/s | "
-            f"{rates['prepare'] / rates['encode_batch']:.2f} | {prepared['peak'] / 2**20:.0f} MiB | "
+            f"{rates['prepare'] / rates['encode_batch']:.2f} | {cpu['encode_batch'] / cpu['prepare']:.2f} | "
+            f"{prepared['peak'] / 2**20:.0f} MiB | "
             f"{prepared['base'] / 2**20:.0f} MiB |"
         )
         if "encode_batch_fast" in rates:
@@ -196,7 +204,7 @@ def main() -> None:
 
     from distillm.tokenizer import train_bpe_tokenizer
 
-    print(f"CPU: {_cpu()}; load average before: {os.getloadavg()[0]:.2f}; tokenizer threads: {args.threads}")
+    print(f"CPU: {_cpu()}; tokenizer threads: {args.threads}; {_uptime()}")
     rows = []
     with tempfile.TemporaryDirectory(dir=args.tmp, prefix="pretrain-bench-") as folder:
         folder = Path(folder)
@@ -216,16 +224,22 @@ def main() -> None:
             paths = [str(corpus), str(tokenizer_dir), str(out)]
             prepared = _run_child(["prepare", *paths], args.threads)
             shutil.rmtree(out)
-            print(f"  prepare: {json.dumps(prepared)}; load {os.getloadavg()[0]:.2f}")
+            print(f"  prepare: {json.dumps(prepared)}; {_uptime()}")
             compared = None
             if args.compare is None or label in args.compare.split(","):
                 compared = _run_child(["compare", *paths, "1" if args.fast else "0"], args.threads)
                 assert prepared["tokens"] == compared["tokens"]["prepare"] == compared["tokens"]["encode"]
-                print(f"  compare: {json.dumps(compared)}; load {os.getloadavg()[0]:.2f}")
+                print(f"  compare: {json.dumps(compared)}; {_uptime()}")
             shutil.rmtree(corpus)
             rows.append((megabytes, prepared, compared))
-    print(f"\nload average after: {os.getloadavg()[0]:.2f} (1 min), {os.getloadavg()[1]:.2f} (5 min)")
+    print(f"\nafter: {_uptime()}")
     _print_table(rows)
+
+
+def _uptime() -> str:
+    """The clock and the load averages, as `uptime` prints them: the figures of a shared machine need them."""
+    one, five, fifteen = os.getloadavg()
+    return f"{time.strftime('%H:%M:%S')} load average: {one:.2f}, {five:.2f}, {fifteen:.2f}"
 
 
 def _cpu() -> str:

@@ -1,5 +1,5 @@
 """Packing a corpus into fixed-length chunks for the pretraining LM term: streaming, the on-disk format,
-MiniLLM's MMIDIDX files, interrupted preparations and bad input."""
+interrupted preparations and bad input (MiniLLM's MMIDIDX files: test_data_indexed.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import gzip
 import json
 import os
 import random
-import struct
 import subprocess
 import sys
 import textwrap
@@ -18,8 +17,6 @@ import pytest
 import distillm.data.pretrain as pretrain_module
 from distillm.cli import main
 from distillm.data import (
-    IndexedInstructionData,
-    IndexedPretrainChunks,
     PretrainChunks,
     collate_chunks,
     load_pretrain,
@@ -211,109 +208,6 @@ def test_the_content_hash_covers_bytes_beyond_the_first_piece(tmp_path):
     body[-3] = ord("x")
     corpus.write_bytes(bytes(body))
     assert TextCorpus([corpus]).content_hash() != before
-
-
-# --------------------------------------------------------------------------------------------------------
-# MiniLLM's binary format, written here from its description (independently of the reader).
-
-_CODES = {np.uint8: 1, np.int8: 2, np.int16: 3, np.int32: 4, np.int64: 5, np.uint16: 8, np.uint32: 9}
-
-
-def write_mmididx(prefix, items, dtype, code=None):
-    """``prefix.bin`` / ``prefix.idx`` as the format description says: magic, u64 version 1, u8 dtype code,
-    u64 items, u64 docs, int32 sizes, int64 byte pointers, int64 doc index ``[0]``."""
-    arrays = [np.asarray(item, dtype=np.int64).astype(dtype) for item in items]  # -1 wraps as the original's
-    with open(f"{prefix}.bin", "wb") as handle:
-        for array in arrays:
-            handle.write(array.tobytes())
-    sizes = np.array([len(a) for a in arrays], dtype="<i4")
-    pointers = np.concatenate([[0], np.cumsum(sizes[:-1], dtype=np.int64)]) * np.dtype(dtype).itemsize
-    with open(f"{prefix}.idx", "wb") as handle:
-        handle.write(b"MMIDIDX\x00\x00")
-        handle.write(struct.pack("<Q", 1))
-        handle.write(struct.pack("<B", code or _CODES[dtype]))
-        handle.write(struct.pack("<Q", len(arrays)))
-        handle.write(struct.pack("<Q", 1))
-        handle.write(sizes.tobytes())
-        handle.write(pointers.astype("<i8").tobytes())
-        handle.write(np.array([0], dtype="<i8").tobytes())
-
-
-def test_minillm_pretraining_chunks_read_back_the_same_ids_across_shards(tiny_tokenizer, tmp_path):
-    rng = np.random.default_rng(0)
-    chunks = rng.integers(0, len(tiny_tokenizer), size=(7, 9)).tolist()
-    folder = tmp_path / "openwebtext" / "gpt2" / "512" / "10M"
-    folder.mkdir(parents=True)
-    write_mmididx(folder / "train_0", chunks[:4], np.uint16)
-    write_mmididx(folder / "train_1", chunks[4:], np.uint16)
-    write_mmididx(folder / "valid_0", chunks[:1], np.uint16)
-    for path in (folder, f"{folder}/train", folder / "train_0.idx"):
-        loaded = load_pretrain(path, tiny_tokenizer)
-        assert isinstance(loaded, IndexedPretrainChunks) and loaded.chunk_length == 9
-        expected = chunks if path != folder / "train_0.idx" else chunks[:4]
-        assert [loaded[i] for i in range(len(loaded))] == expected
-    batch = loaded.collate([loaded[0], loaded[1]])
-    assert batch["labels"].tolist() == [chunks[0][1:], chunks[1][1:]]
-
-
-@pytest.mark.parametrize("dtype", [np.uint16, np.int32, np.uint32])
-def test_minillm_instruction_data_splits_prompt_and_response_at_the_separator(
-    tiny_tokenizer, tmp_path, dtype
-):
-    samples = [([5, 6, 7], [8, 9, 2]), ([10], [11, 2]), ([12, 13], [])]
-    items = [prompt + [-1] + response for prompt, response in samples[:2]] + [
-        samples[2][0]
-    ]  # last: prompt only
-    write_mmididx(tmp_path / "train_0", items, dtype)
-    data = IndexedInstructionData(tmp_path, tiny_tokenizer)
-    assert [data[i] for i in range(len(data))] == samples
-
-
-def test_uint16_instruction_data_reserves_65535_for_its_separator(tmp_path):
-    class Vocabulary65536:
-        name_or_path = "v65536"
-
-        def __len__(self):
-            return 65536
-
-    write_mmididx(tmp_path / "train_0", [[5, -1, 6]], np.uint16)
-    with pytest.raises(
-        UserError, match="holds token ids below 65535, but the tokenizer v65536 has 65536 tokens"
-    ):
-        IndexedInstructionData(tmp_path, Vocabulary65536())
-
-
-class _BigVocabulary:
-    name_or_path = "big-tokenizer"
-
-    def __len__(self):
-        return 151_646
-
-
-def test_minillm_files_that_cannot_match_the_tokenizer_are_refused_naming_both(tiny_tokenizer, tmp_path):
-    write_mmididx(tmp_path / "train_0", [[1, 2, 3], [4, 5, 6]], np.uint16)
-    with pytest.raises(
-        UserError,
-        match=r"train_0: dtype uint16 holds token ids below 65536, but the tokenizer big-tokenizer has 151646",
-    ):
-        IndexedPretrainChunks(tmp_path, _BigVocabulary())
-    write_mmididx(tmp_path / "train_0", [[1, 2, 3], [4, 5, len(tiny_tokenizer) + 7]], np.uint16)
-    with pytest.raises(
-        UserError,
-        match=rf"item 1 holds token id {len(tiny_tokenizer) + 7}, outside the tokenizer .*'s {len(tiny_tokenizer)} tokens",
-    ):
-        load_pretrain(tmp_path, tiny_tokenizer)
-    write_mmididx(tmp_path / "train_0", [[1, 2, 3], [4, 5]], np.uint16)
-    with pytest.raises(UserError, match="chunk 1 has 2 tokens but chunk 0 has 3"):
-        IndexedPretrainChunks(tmp_path, tiny_tokenizer)
-    write_mmididx(tmp_path / "train_0", [[1, 2, 3]], np.float32, code=6)
-    with pytest.raises(UserError, match="dtype float32 holds floats, not token ids"):
-        IndexedPretrainChunks(tmp_path, tiny_tokenizer)
-    write_mmididx(tmp_path / "train_0", [[1, 2, 3], [4, 5, 6]], np.uint16)
-    with open(tmp_path / "train_0.bin", "r+b") as handle:
-        handle.truncate(8)
-    with pytest.raises(UserError, match=r"train_0.bin: 8 bytes, but its index points to byte 12"):
-        IndexedPretrainChunks(tmp_path, tiny_tokenizer)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -532,3 +426,39 @@ def test_a_prepared_folder_made_with_another_vocabulary_is_refused(tiny_tokenize
     write_manifest(tmp_path / "out")  # as a folder really prepared with that tokenizer would be
     with pytest.raises(UserError, match=rf"a tokenizer of 50257 tokens .* has {len(tiny_tokenizer)} tokens"):
         load_pretrain(tmp_path / "out", tiny_tokenizer)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The presets that use the LM term.
+
+_PAPER_CHUNKS = {"gpt2": 10_000_000, "opt": 1_000_000, "openllama2": 1_000_000}  # method reference, 3.1
+
+
+@pytest.mark.parametrize("family", sorted(_PAPER_CHUNKS))
+def test_presets_with_the_lm_term_point_at_the_folder_their_header_command_prepares_at_the_papers_size(
+    family,
+):
+    import argparse
+    import shlex
+    from pathlib import Path
+
+    from distillm.config import load_config
+
+    presets = sorted((Path(__file__).resolve().parent.parent / "configs" / family).glob("*.yaml"))
+    using = [(path, load_config(path)) for path in presets]
+    using = [(path, config) for path, config in using if config.objective.lm_coef > 0]
+    assert using, f"no {family} preset uses the LM term"
+    parser = argparse.ArgumentParser()
+    pretrain_module.add_arguments(parser)
+    for path, config in using:
+        header = [line[1:].strip() for line in path.read_text().splitlines() if line.startswith("#")]
+        start = next(i for i, line in enumerate(header) if line.startswith("distillm prepare-pretrain"))
+        command = " ".join(line.rstrip("\\").strip() for line in header[start : start + 2])
+        args = parser.parse_args(shlex.split(command)[2:])  # a command the real parser accepts
+        assert args.out == config.data.pretrain, path
+        assert (args.max_chunks, args.dev_chunks, args.chunk_length) == (
+            _PAPER_CHUNKS[family],
+            10_000,
+            512,
+        ), path
+        assert args.dataset == "openwebtext" and args.chunk_length <= config.data.max_length, path

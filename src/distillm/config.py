@@ -133,9 +133,14 @@ class DataConfig:
     """Instruction data, its template and its tokenization."""
 
     train: str = _field(
-        "", "Training data: a file any `distillm prepare` format reads, or a hub dataset name."
+        "",
+        "Training data: a file any `distillm prepare` format reads, a hub dataset name, or MiniLLM's processed "
+        ".bin/.idx (folder, prefix or file; its ids as stored, its .jsonl's text for ROUGE-L).",
     )
-    dev: str | None = _field(None, "Dev data; null takes `dev_size` rows out of the training pool.")
+    dev: str | None = _field(
+        None,
+        "Dev data; null takes `dev_size` rows out of the training pool (MiniLLM's .bin/.idx: its valid split).",
+    )
     format: str = _field("auto", f"Data format: {format_choices()}.")
     dev_size: int = _field(1000, "Rows taken from the training pool for the dev split when `dev` is null.")
     dev_split: Literal["first", "random"] = _field(

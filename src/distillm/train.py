@@ -401,8 +401,15 @@ class TrainingData:
 def load_data(config: Config, tokenizer, cache_dir: Path) -> TrainingData:
     """Read, split, tokenize (cached) the instruction data and, if configured, the pretraining corpus."""
     from distillm.data import load_pretrain, prepare_dataset, read_examples, split_dev
+    from distillm.data.indexed import find_shards, load_indexed_instruction
 
     d = config.data
+    if find_shards(d.train):  # MiniLLM's processed .bin/.idx: its ids, its .jsonl's text (docs/data.md)
+        train, dev, dev_rows = load_indexed_instruction(
+            d, tokenizer, cache_dir, config.seed, config.train.batch_size
+        )
+        pretrain = load_pretrain(d.pretrain, tokenizer, d.max_length, cache_dir) if d.pretrain else None
+        return TrainingData(train=train, dev=dev, dev_examples=dev_rows, pretrain=pretrain)
     examples, _ = read_examples(d.train, d.format)
     if d.dev is not None:
         train_rows = examples

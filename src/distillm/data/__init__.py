@@ -4,7 +4,12 @@ the pretraining corpus, and the bundled task suite. See docs/data.md."""
 from distillm.data.cache import TokenizedDataset, prepare_dataset, tokenizer_fingerprint
 from distillm.data.encode import collate, encode_example, encode_prompt
 from distillm.data.formats import FORMATS, Example, ReadReport, read_examples, split_dev
-from distillm.data.indexed import IndexedInstructionData, IndexedPretrainChunks
+from distillm.data.indexed import (
+    IndexedInstructionData,
+    IndexedPretrainChunks,
+    find_shards,
+    load_indexed_instruction,
+)
 from distillm.data.pretrain import (
     PretrainChunks,
     collate_chunks,
@@ -30,7 +35,9 @@ __all__ = [
     "collate_chunks",
     "encode_example",
     "encode_prompt",
+    "find_shards",
     "generate_task_suite",
+    "load_indexed_instruction",
     "load_pretrain",
     "pack_corpus",
     "prepare_dataset",

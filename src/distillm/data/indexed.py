@@ -13,17 +13,22 @@ it), so ``data.pretrain`` can point at it directly. A split is stored as shards 
 | 4 N, 8 N, 8 D    | ``int32`` sizes, ``int64`` byte offsets into the ``.bin``, ``int64`` document index |
 
 Item i is ``sizes[i]`` tokens of the dtype at byte ``pointers[i]`` of the ``.bin``. Instruction data stores
-``prompt + [-1] + response``: the -1, cast to the dtype, separates them (65535 in uint16).
+``prompt + [-1] + response``: the -1, cast to the dtype, separates them (65535 in uint16); beside the shards
+the original writes ``{split}.jsonl``, one row per item in the same order (``instruction``, ``prompt``,
+``input``, ``output``): the text that ROUGE-L needs, which the ids alone do not carry exactly.
 """
 
 from __future__ import annotations
 
+import logging
 import struct
 from pathlib import Path
 
 import numpy as np
 
 from distillm.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 MAGIC = b"MMIDIDX\x00\x00"
 DTYPES: dict[int, type] = {
@@ -94,6 +99,8 @@ def find_shards(path: str | Path, split: str = "train") -> list[str]:
     or ``.bin`` file; or a raw prefix (``dir/train`` for ``dir/train_0.idx``, as the original joins paths).
     Returns ``[]`` when there is no MMIDIDX data there."""
     text = str(path)
+    if not text:
+        return []  # Path("") is the current folder: an unset path is no data
     if text.endswith((".idx", ".bin")):
         return [text[:-4]] if Path(text[:-4] + ".idx").is_file() else []
     base = str(Path(text) / split) if Path(text).is_dir() else text
@@ -130,6 +137,25 @@ class IndexedTokens:
 
     def sizes(self) -> np.ndarray:
         return np.concatenate([np.asarray(shard.sizes) for shard in self.shards])
+
+    def first_positions(self, value: int) -> np.ndarray:
+        """Per item, the index of its first token equal to ``value``, or -1: ``[N]`` int64.
+
+        Compares every token of every ``.bin`` once (instruction data is megabytes; never called on a
+        pretraining corpus)."""
+        found = []
+        for shard in self.shards:
+            starts = np.asarray(shard.pointers) // shard.dtype.itemsize  # [n] token offsets in the .bin
+            ends = starts + np.asarray(shard.sizes)  # [n]
+            hits = np.flatnonzero(np.asarray(shard._bin) == value)  # [h], ascending
+            if len(hits) == 0:
+                found.append(np.full(len(starts), -1, np.int64))
+                continue
+            after = np.searchsorted(hits, starts)  # [n] the first hit at or after each item's start
+            first = hits[np.minimum(after, len(hits) - 1)]
+            inside = (after < len(hits)) & (first < ends)
+            found.append(np.where(inside, first - starts, -1).astype(np.int64))
+        return np.concatenate(found)
 
     def separator(self) -> int:
         """The original's -1 prompt/response separator as stored in this dtype (65535 for uint16)."""
@@ -209,26 +235,296 @@ class IndexedPretrainChunks:
         return collate_chunks(items)
 
 
-class IndexedInstructionData:
-    """Instruction data the original's ``process_data_dolly.py`` wrote: ``data[i] -> (prompt_ids, response_ids)``.
+_CHECKED_ROWS = 8  # items whose ids are re-encoded from the .jsonl beside them, to prove the tokenizer
 
-    Items without a separator (its ``--only-prompt`` data) are prompts with an empty response.
+
+class IndexedInstructionData:
+    """Instruction data the original's ``process_data_dolly.py`` wrote (MiniLLM's ``processed_data/dolly/full/
+    <model>/``): ``data[i] -> (prompt_ids, response_ids)``, the same interface as
+    :class:`~distillm.data.cache.TokenizedDataset`, so ``data.train`` / ``data.dev`` can point at it.
+
+    Each item is ``prompt + [-1] + response`` (the -1 stored as the dtype's maximum, 65535 in ``uint16``); the
+    response ends with EOS. The ids are used as stored, then cut by our rules (``distillm.data.encode``): a
+    prompt over ``max_prompt_length`` keeps its last tokens, a response is cut to ``max_length`` in all
+    (without EOS). ``examples`` (ROUGE-L's prompts and references) come from ``{split}.jsonl`` beside the
+    shards, which the original writes in the same order as the items; without it they are the decoded ids.
+
+    Refused: a dtype or ids that cannot match ``tokenizer``, an item without separator (the original's
+    ``--only-prompt`` data, unless ``allow_prompt_only``: then its response is empty) or without a prompt,
+    and a ``.jsonl`` whose first rows do not encode, with ``tokenizer``, to the items' ids (another
+    tokenizer made the files, or the ``.jsonl`` is not theirs).
     """
 
-    def __init__(self, path: str | Path, tokenizer, split: str = "train"):
+    def __init__(
+        self,
+        path: str | Path,
+        tokenizer,
+        split: str = "train",
+        max_length: int | None = None,
+        max_prompt_length: int | None = None,
+        allow_prompt_only: bool = False,
+    ):
         prefixes = find_shards(path, split)
         if not prefixes:
             raise UserError(f"{path}: no MMIDIDX shards {split}_0.idx / .bin there")
         self.tokens = IndexedTokens(prefixes)
         self.separator = self.tokens.separator()
         self.tokens.check_vocabulary(tokenizer, reserved=self.separator, remedy="distillm prepare")
+        self.folder = Path(prefixes[0]).parent
+        self.from_cache = False
+        self.tokenizer = tokenizer
+        self.max_length, self.max_prompt_length = max_length, max_prompt_length
+        self._sizes = self.tokens.sizes()  # [N]
+        self._separators = self.tokens.first_positions(self.separator)  # [N], -1: none
+        self._rows = np.arange(len(self._sizes))  # the items this view holds (see select)
+        self._check_separators(allow_prompt_only)
+        self.jsonl = _jsonl_beside(prefixes[0])
+        self._examples = None
+        if self.jsonl is not None:
+            self._check_against_jsonl(tokenizer)
+        else:
+            self._check_eos(tokenizer)
+
+    # ---- the items
 
     def __len__(self) -> int:
-        return len(self.tokens)
+        return len(self._rows)
 
     def __getitem__(self, index: int) -> tuple[list[int], list[int]]:
-        ids = self.tokens[index]
-        where = np.flatnonzero(ids == self.separator)
-        if where.size == 0:
-            return ids.tolist(), []
-        return ids[: where[0]].tolist(), ids[where[0] + 1 :].tolist()
+        row = int(self._rows[index])
+        ids, cut = self.tokens[row], int(self._separators[row])
+        if cut < 0:  # prompt-only data
+            return self._cut(ids.tolist(), [])
+        return self._cut(ids[:cut].tolist(), ids[cut + 1 :].tolist())
+
+    def _cut(self, prompt: list[int], response: list[int]) -> tuple[list[int], list[int]]:
+        if self.max_prompt_length is not None and len(prompt) > self.max_prompt_length:
+            prompt = prompt[-self.max_prompt_length :]  # the tail, where "### Response:" is
+        if self.max_length is not None:
+            response = response[: max(self.max_length - len(prompt), 0)]  # no EOS invented
+        return prompt, response
+
+    @property
+    def prompt_lengths(self) -> np.ndarray:
+        """Prompt tokens of each item, after the cut: ``[N]``."""
+        lengths = self._stored_prompt_lengths()[self._rows]
+        if self.max_prompt_length is not None:
+            lengths = np.minimum(lengths, self.max_prompt_length)
+        return lengths
+
+    @property
+    def response_lengths(self) -> np.ndarray:
+        """Response tokens of each item (EOS included), after the cut: ``[N]``."""
+        stored = self._stored_response_lengths()[self._rows]
+        if self.max_length is not None:
+            stored = np.minimum(stored, np.maximum(self.max_length - self.prompt_lengths, 0))
+        return stored
+
+    def truncated(self) -> tuple[int, int]:
+        """``(prompts, responses)`` of this view that the cut shortens."""
+        prompts = self.prompt_lengths < self._stored_prompt_lengths()[self._rows]
+        responses = self.response_lengths < self._stored_response_lengths()[self._rows]
+        return int(prompts.sum()), int(responses.sum())
+
+    def _stored_prompt_lengths(self) -> np.ndarray:
+        return np.where(self._separators >= 0, self._separators, self._sizes).astype(np.int64)
+
+    def _stored_response_lengths(self) -> np.ndarray:
+        return np.where(self._separators >= 0, self._sizes - self._separators - 1, 0).astype(np.int64)
+
+    def select(self, indices) -> IndexedInstructionData:
+        """A view on the items ``indices`` (of this view), in that order; nothing is copied."""
+        view = object.__new__(IndexedInstructionData)
+        view.__dict__.update(self.__dict__)
+        view._rows = self._rows[np.asarray(indices, dtype=np.int64)]
+        return view
+
+    # ---- the text, for ROUGE-L
+
+    @property
+    def examples(self) -> list:
+        """One :class:`~distillm.data.formats.Example` per item: the ``.jsonl`` row (its rendered prompt, used as
+        is, and its outputs as references), or, without a ``.jsonl``, the decoded prompt and response."""
+        if self._examples is None:
+            self._examples = self._read_jsonl() if self.jsonl is not None else None
+        if self._examples is not None:
+            return [self._examples[row] for row in self._rows.tolist()]
+        return [self._decoded(row) for row in self._rows.tolist()]
+
+    @property
+    def prompts(self) -> list[str]:
+        return [example.prompt for example in self.examples]
+
+    @property
+    def references(self) -> list[tuple[str, ...]]:
+        return [example.references for example in self.examples]
+
+    def _decoded(self, row: int):
+        from distillm.data.formats import Example
+
+        ids, cut = self.tokens[row], int(self._separators[row])
+        prompt, response = (ids, ids[:0]) if cut < 0 else (ids[:cut], ids[cut + 1 :])
+        eos = self.tokenizer.eos_token_id
+        if len(response) and int(response[-1]) == eos:
+            response = response[:-1]
+        decode = self.tokenizer.decode
+        return Example(
+            instruction="",
+            input="",
+            references=(decode(response.tolist()),),
+            prompt=decode(prompt.tolist()),
+            source=f"{self.tokens.source} item {row}",
+        )
+
+    def _read_jsonl(self) -> list:
+        return [row for _, _, row in _jsonl_rows(self.jsonl)]
+
+    # ---- checks
+
+    def _check_separators(self, allow_prompt_only: bool) -> None:
+        missing = np.flatnonzero(self._separators < 0)
+        if len(missing) and not allow_prompt_only:
+            raise UserError(
+                f"{self.tokens.source}: item {int(missing[0])} (and {len(missing) - 1} more) has no prompt/"
+                f"response separator {self.separator}: this is prompt-only data (the original's "
+                "--only-prompt, processed_data/dolly/prompt); training needs prompts and responses "
+                "(processed_data/dolly/full)"
+            )
+        empty = np.flatnonzero(self._separators == 0)
+        if len(empty):
+            raise UserError(
+                f"{self.tokens.source}: item {int(empty[0])} has an empty prompt (it starts with the "
+                f"separator {self.separator}); prepare the data again"
+            )
+
+    def _check_eos(self, tokenizer) -> None:
+        """Without a .jsonl, the ids alone: a full item's response ends with the tokenizer's EOS."""
+        for row in range(min(len(self._sizes), _CHECKED_ROWS)):
+            if self._separators[row] < 0:
+                continue
+            last = int(self.tokens[row][-1])
+            if last != tokenizer.eos_token_id:
+                raise UserError(
+                    f"{self.tokens.source}: item {row} ends with token id {last}, but the tokenizer "
+                    f"{_name(tokenizer)}'s EOS is {tokenizer.eos_token_id}; these files were made with another "
+                    "tokenizer: prepare the data again with this one (`distillm prepare`)"
+                )
+
+    def _check_against_jsonl(self, tokenizer) -> None:
+        """Re-encode the first rows of the .jsonl as the original did and compare with the stored ids:
+        ``prompt = encode(prompt)[:len(stored)]``, ``response = (encode(prompt + output) + [eos])[len(encode(prompt)):]``."""
+        with open(self.jsonl, "rb") as handle:
+            rows = sum(1 for line in handle if line.strip())
+        if rows != len(self._sizes):
+            raise UserError(
+                f"{self.jsonl}: {rows} rows, but {self.tokens.source} holds {len(self._sizes)} items; the "
+                "original writes one row per item, in the same order: this .jsonl belongs to other files "
+                "(remove it, and the references are decoded from the ids)"
+            )
+        for line, item, row in _jsonl_rows(self.jsonl, limit=min(len(self._sizes), _CHECKED_ROWS)):
+            ids, cut = self.tokens[item], int(self._separators[item])
+            stored_prompt = (ids if cut < 0 else ids[:cut]).tolist()
+            prompt = tokenizer.encode(row.prompt, add_special_tokens=False)
+            same = prompt[: len(stored_prompt)] == stored_prompt
+            if same and cut >= 0:
+                full = tokenizer.encode(row.prompt + row.references[0], add_special_tokens=False)
+                same = full[len(prompt) :] + [tokenizer.eos_token_id] == ids[cut + 1 :].tolist()
+            if not same:
+                raise UserError(
+                    f"{self.jsonl}:{line}: the tokenizer {_name(tokenizer)} encodes this row to other ids than "
+                    f"item {item} of {self.tokens.source} holds: the files were made with another tokenizer "
+                    "(prepare the data again with this one, `distillm prepare`), or the .jsonl is not theirs"
+                )
+
+
+def _name(tokenizer) -> str:
+    return getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+
+
+def _jsonl_beside(prefix: str) -> Path | None:
+    """``{split}.jsonl`` beside the shard ``{split}_k``, as the original writes it; None if there is none."""
+    path = Path(prefix)
+    split = path.name.rsplit("_", 1)[0] if path.name.rsplit("_", 1)[-1].isdigit() else path.name
+    jsonl = path.with_name(f"{split}.jsonl")
+    return jsonl if jsonl.is_file() else None
+
+
+def _jsonl_rows(path: Path, limit: int | None = None):
+    """``(line, item, Example)`` of the original's ``{split}.jsonl``, blank lines skipped: ``instruction``,
+    ``prompt`` (the rendered template, as encoded), ``input``, ``output`` (a string or a list)."""
+    import json
+
+    from distillm.data.formats import Example
+
+    with open(path, "rb") as handle:
+        item = 0
+        for line, raw in enumerate(handle, 1):
+            if limit is not None and item >= limit:
+                return
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw.decode("utf-8"))
+                outputs = row["output"]
+                outputs = [outputs] if isinstance(outputs, str) else list(outputs)
+                prompt = str(row["prompt"])  # the exact text the original encoded
+                example = Example(
+                    instruction=str(row.get("instruction", "")),
+                    input=str(row.get("input", "")),
+                    references=tuple(str(output) for output in outputs) or ("",),
+                    prompt=prompt,
+                    source=f"{path}:{line}",
+                )
+            except (ValueError, KeyError, TypeError) as error:
+                raise UserError(
+                    f"{path}:{line}: not a row of the original's processed data ({error!r}); each line is a "
+                    "JSON object with prompt and output (instruction and input too)"
+                ) from None
+            yield line, item, example
+            item += 1
+
+
+def load_indexed_instruction(data, tokenizer, cache_dir: str | Path, seed: int = 0, batch_size: int = 1):
+    """``data.train`` (a ``DataConfig``) as MiniLLM's processed instruction data: ``(train, dev, dev_examples)``.
+
+    The dev split is ``data.dev`` (MMIDIDX: its ``valid`` split when it is a folder; or any file
+    ``distillm prepare`` reads), else the ``valid`` split beside the train shards (the original's
+    ``--dev-num`` rows), else ``data.dev_size`` items taken out of the train items (``data.dev_split``).
+    ``data.dev_size = 0`` means no dev split.
+    """
+    from distillm.data.cache import prepare_dataset
+    from distillm.data.formats import read_examples, split_dev
+
+    def indexed(path, split: str) -> IndexedInstructionData:
+        return IndexedInstructionData(path, tokenizer, split, data.max_length, data.max_prompt_length)
+
+    train = indexed(data.train, "train")
+    dev = None
+    if data.dev is not None and find_shards(data.dev, "valid"):
+        dev = indexed(data.dev, "valid")
+    elif data.dev is not None:
+        rows, _ = read_examples(data.dev, data.format)
+        rows = [example.for_evaluation() for example in rows]
+        dev = prepare_dataset(
+            rows, tokenizer, data.template, data.max_length, data.max_prompt_length, cache_dir
+        )
+    elif data.dev_size > 0 and find_shards(train.folder, "valid"):
+        dev = indexed(train.folder, "valid")
+    elif data.dev_size > 0:
+        train_rows, dev_rows = split_dev(list(range(len(train))), data.dev_size, data.dev_split, seed)
+        train, dev = train.select(train_rows), train.select(dev_rows)
+    if len(train) < batch_size:
+        raise UserError(
+            f"{data.train}: {len(train)} training items is fewer than train.batch_size={batch_size}"
+        )
+    dev_examples = list(dev.examples) if dev is not None else []
+    prompts, responses = train.truncated()
+    logger.info(
+        "%s: %d train items, %d dev (%d prompts cut to data.max_prompt_length, %d responses to max_length)",
+        train.tokens.source,
+        len(train),
+        len(dev) if dev is not None else 0,
+        prompts,
+        responses,
+    )
+    return train, dev, dev_examples
