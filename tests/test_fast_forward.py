@@ -335,7 +335,7 @@ def test_packed_weights_are_a_copy_used_without_gradients_only():
 def test_packing_skips_lora_layers_other_dtypes_and_torch_builds_without_onednn(monkeypatch):
     from peft import LoraConfig, get_peft_model
 
-    import distillm.fast_forward as fast_forward
+    import distillm.kernels.packing as packing
 
     model = get_peft_model(
         build("gpt2"), LoraConfig(r=4, target_modules=["c_attn"], init_lora_weights=False)
@@ -358,5 +358,5 @@ def test_packing_skips_lora_layers_other_dtypes_and_torch_builds_without_onednn(
     with monkeypatch.context() as patch:  # a build whose private op refuses to run: nothing is packed
         patch.setattr(torch.ops.mkldnn, "_linear_pointwise", refuse)
         assert llama.pack_weights(2, min_weights=0) == 0 and not llama._packed
-    monkeypatch.setattr(fast_forward, "_onednn_packing_available", lambda: False)
+    monkeypatch.setattr(packing, "onednn_packing_available", lambda: False)
     assert llama.pack_weights(2, min_weights=0) == 0

@@ -147,11 +147,11 @@ def tanh_gelu_reference(x: torch.Tensor) -> torch.Tensor:
 @pytest.fixture
 def sigmoid_form_calls(monkeypatch):
     """Counts calls of the sigmoid-form forward, so a test can tell which path ``SigmoidTanhGELU`` took."""
-    import distillm.models as models
+    import distillm.kernels.gelu as gelu
 
     calls = []
-    original = models.tanh_gelu_as_sigmoid
-    monkeypatch.setattr(models, "tanh_gelu_as_sigmoid", lambda x: calls.append(x) or original(x))
+    original = gelu.tanh_gelu_as_sigmoid
+    monkeypatch.setattr(gelu, "tanh_gelu_as_sigmoid", lambda x: calls.append(x) or original(x))
     return calls
 
 
@@ -167,7 +167,7 @@ def sigmoid_form_bound(x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("requires_grad", [True, False])
 def test_sigmoid_tanh_gelu_matches_the_tanh_formula_in_float64(sigmoid_form_calls, requires_grad):
-    from distillm.models import SigmoidTanhGELU
+    from distillm.kernels.gelu import SigmoidTanhGELU
 
     x = torch.linspace(-20, 20, 200_001).requires_grad_(requires_grad)
     y = SigmoidTanhGELU()(x)
@@ -179,7 +179,7 @@ def test_sigmoid_tanh_gelu_matches_the_tanh_formula_in_float64(sigmoid_form_call
 
 
 def test_sigmoid_tanh_gelu_gradient_matches_the_formula_s_float64_gradient(sigmoid_form_calls):
-    from distillm.models import SigmoidTanhGELU
+    from distillm.kernels.gelu import SigmoidTanhGELU
 
     generator = torch.Generator().manual_seed(0)
     x = (torch.randn(64, 512, generator=generator) * 4).requires_grad_()
@@ -192,7 +192,7 @@ def test_sigmoid_tanh_gelu_gradient_matches_the_formula_s_float64_gradient(sigmo
 
 
 def test_sigmoid_tanh_gelu_passes_gradcheck_and_gradgradcheck_in_float64(sigmoid_form_calls):
-    from distillm.models import SigmoidTanhGELU
+    from distillm.kernels.gelu import SigmoidTanhGELU
 
     x = (torch.randn(6, 7, dtype=torch.float64) * 3).requires_grad_()
     assert torch.autograd.gradcheck(SigmoidTanhGELU(), (x,))
@@ -203,7 +203,7 @@ def test_sigmoid_tanh_gelu_passes_gradcheck_and_gradgradcheck_in_float64(sigmoid
 def test_sigmoid_tanh_gelu_agrees_with_torch_at_edge_values():
     import torch.nn.functional as F
 
-    from distillm.models import SigmoidTanhGELU
+    from distillm.kernels.gelu import SigmoidTanhGELU
 
     inf, nan = float("inf"), float("nan")
     for dtype in (torch.float32, torch.float64):
@@ -216,7 +216,7 @@ def test_sigmoid_tanh_gelu_agrees_with_torch_at_edge_values():
 
 
 def test_sigmoid_tanh_gelu_handles_non_contiguous_input_and_its_gradient(sigmoid_form_calls):
-    from distillm.models import SigmoidTanhGELU
+    from distillm.kernels.gelu import SigmoidTanhGELU
 
     base = (torch.randn(512, 64) * 4).requires_grad_()
     x = base.t()[:, ::2]  # [64, 256], strided both ways
@@ -233,7 +233,7 @@ def test_sigmoid_tanh_gelu_handles_non_contiguous_input_and_its_gradient(sigmoid
 
 
 def test_sigmoid_tanh_gelu_saves_only_its_input_and_builds_no_graph_without_grad(sigmoid_form_calls):
-    from distillm.models import SigmoidTanhGELU
+    from distillm.kernels.gelu import SigmoidTanhGELU
 
     gelu = SigmoidTanhGELU()
     x = torch.randn(16, 1024, requires_grad=True)
@@ -248,7 +248,7 @@ def test_sigmoid_tanh_gelu_saves_only_its_input_and_builds_no_graph_without_grad
 def test_sigmoid_tanh_gelu_leaves_bf16_and_half_inputs_to_torch_s_kernel(sigmoid_form_calls):
     import torch.nn.functional as F
 
-    from distillm.models import SigmoidTanhGELU
+    from distillm.kernels.gelu import SigmoidTanhGELU
 
     gelu = SigmoidTanhGELU()
     for dtype in (torch.bfloat16, torch.float16):  # the form would round each of its steps in 16 bits
@@ -271,7 +271,8 @@ def test_loading_swaps_tanh_gelus_for_the_sigmoid_form_with_the_same_outputs_gra
     import transformers.activations
     from transformers import AutoModelForCausalLM
 
-    from distillm.models import SigmoidTanhGELU, load_causal_lm
+    from distillm.kernels.gelu import SigmoidTanhGELU
+    from distillm.models import load_causal_lm
 
     hf_class = getattr(transformers.activations, transformers_class)
     folder = tiny_model_factory("gpt2", seed=3, layers=2, hidden=32, heads=2, activation_function=activation)
