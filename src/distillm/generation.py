@@ -400,7 +400,8 @@ def _sample_categorical(probs: Tensor, generator: torch.Generator | None, block:
 
     One uniform number per row instead of ``torch.multinomial``'s work over the whole vocabulary. The CDF is
     walked in two levels (blocks of ``block`` tokens, then tokens inside the chosen block), in float64 so
-    the bins stay exact: a float64 cumsum over the whole vocabulary would cost more than the whole draw.
+    the bins stay exact; two levels because a float64 cumsum over the whole vocabulary is slow on a large
+    vocabulary (benchmarks/README.md, "Figures without a benchmark").
     """
     batch, vocab = probs.shape
     padding = (-vocab) % block
