@@ -5,7 +5,7 @@ Three implementations of 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) on the 
 - `F.gelu`: `torch.nn.functional.gelu(x, approximate="tanh")`, one fused kernel (transformers' `GELUTanh`,
   activation `gelu_pytorch_tanh`);
 - `gelu_new`: transformers' `NewGELUActivation` (GPT-2's activation), a chain of elementwise ops;
-- `ours`: `distillm.models.SigmoidTanhGELU`, what `fuse_tanh_gelu` swaps in at load time (x * sigmoid(2z) on
+- `ours`: `distillm.kernels.gelu.SigmoidTanhGELU`, what `fuse_tanh_gelu` swaps in at load time (x * sigmoid(2z) on
   CPU, torch's backward).
 
 "forward" runs without grad (a frozen teacher, generation); "forward + backward" runs on an input that needs
@@ -27,7 +27,7 @@ import time
 import torch
 from transformers.activations import NewGELUActivation
 
-from distillm.models import SigmoidTanhGELU
+from distillm.kernels.gelu import SigmoidTanhGELU
 
 
 def torch_gelu(x: torch.Tensor) -> torch.Tensor:

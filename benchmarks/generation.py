@@ -6,7 +6,7 @@ sampled while both loops still check for it). Runs alternate, so background load
 shows the median of `--repeats` runs and the ratios of the medians.
 
 "ours" runs on the very model object `generate` runs on: the sampler alone. Where distillm's loader changes
-the model (`distillm.models.fuse_tanh_gelu`: GPT-2's `gelu_new` becomes `SigmoidTanhGELU`, the same function
+the model (`distillm.kernels.gelu.fuse_tanh_gelu`: GPT-2's `gelu_new` becomes `SigmoidTanhGELU`, the same function
 up to float rounding), a third column "ours, as loaded" runs our sampler on a copy of the model with
 that swap, which is what `distillm train/generate/evaluate` actually sample from; `generate` keeps the
 Hugging Face modules. For Llama-family models the loader changes nothing, and the column repeats "ours".
@@ -36,7 +36,8 @@ import torch
 
 from distillm.config import GenerationConfig
 from distillm.generation import AUTO_SAMPLER, sample
-from distillm.models import build_small_model, fuse_tanh_gelu
+from distillm.kernels.gelu import fuse_tanh_gelu
+from distillm.models import build_small_model
 
 # name -> (family, vocab, build_small_model keyword arguments)
 MODELS = {

@@ -3,7 +3,7 @@
 The figures behind `generation.pack_weights`' limits (docs/generation.md, point 5), fp32 on the CPU:
 
 1. One map at a time, weights hot in the cache, 8 and 16 rows: where packing starts to pay (the 256K-weight
-   threshold of `fast_forward._MIN_PACKED_WEIGHTS`).
+   threshold of `distillm.kernels.packing.MIN_PACKED_WEIGHTS`).
 2. 24 distinct 576 x 1536 maps in turn (the SmolLM2 shape's MLPs, more than the cache holds), 8 rows.
 3. The SmolLM2-shaped 4-layer student (random weights): the time to pack it, and the prompt's forward
    (8 x 32 tokens, left-padded) with and without packed weights, which is why decoding packs after it.
@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from distillm.fast_forward import fast_decoder  # noqa: E402
+from distillm.kernels.packing import pack_weight, packed_linear  # noqa: E402
 from distillm.models import build_small_model  # noqa: E402
 from generation import MODELS, left_padded_prompts  # noqa: E402
 
@@ -61,10 +62,6 @@ def alternating(functions: dict, repeats: int, calls: int) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in runs.items()}
 
 
-def packed_call(inputs, packed):
-    return torch.ops.mkldnn._linear_pointwise(inputs, packed, None, "none", [None], "")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -83,11 +80,11 @@ def main(argv: list[str] | None = None) -> int:
         for rows in (8, 16):
             for fan_in, fan_out in SHAPES:
                 weight, inputs = torch.randn(fan_out, fan_in), torch.randn(rows, 1, fan_in)
-                packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+                packed = pack_weight(weight, rows)
                 us = alternating(
                     {
                         "linear": lambda x=inputs, w=weight: F.linear(x, w),
-                        "packed": lambda x=inputs, p=packed: packed_call(x, p),
+                        "packed": lambda x=inputs, p=packed: packed_linear(x, p, None),
                     },
                     args.repeats,
                     calls=200,
@@ -99,12 +96,12 @@ def main(argv: list[str] | None = None) -> int:
                 )
 
         weights = [torch.randn(1536, 576) for _ in range(24)]
-        packs = [torch.ops.mkldnn._reorder_linear_weight(w, 8) for w in weights]
+        packs = [pack_weight(w, 8) for w in weights]
         inputs = torch.randn(8, 1, 576)
         ms = alternating(
             {
                 "linear": lambda: [F.linear(inputs, w) for w in weights],
-                "packed": lambda: [packed_call(inputs, p) for p in packs],
+                "packed": lambda: [packed_linear(inputs, p, None) for p in packs],
             },
             args.repeats,
             calls=10,

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+import distillm.kernels.packing as packing
 from distillm.fast_forward import fast_decoder
 from distillm.models import enable_gradient_checkpointing
 from numerics import assert_as_accurate_as, rounding_bound
@@ -198,7 +199,7 @@ def test_the_shared_prefix_stops_at_the_first_kept_position_and_padding_and_is_o
 
 
 def test_lora_adapters_apply_in_the_fast_forward():
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model  # peft is optional (the lora extra)
 
     model = get_peft_model(
         build("gpt2"), LoraConfig(r=4, target_modules=["c_attn", "c_fc"], init_lora_weights=False)
@@ -333,9 +334,7 @@ def test_packed_weights_are_a_copy_used_without_gradients_only():
 
 
 def test_packing_skips_lora_layers_other_dtypes_and_torch_builds_without_onednn(monkeypatch):
-    from peft import LoraConfig, get_peft_model
-
-    import distillm.fast_forward as fast_forward
+    from peft import LoraConfig, get_peft_model  # peft is optional (the lora extra)
 
     model = get_peft_model(
         build("gpt2"), LoraConfig(r=4, target_modules=["c_attn"], init_lora_weights=False)
@@ -358,5 +357,21 @@ def test_packing_skips_lora_layers_other_dtypes_and_torch_builds_without_onednn(
     with monkeypatch.context() as patch:  # a build whose private op refuses to run: nothing is packed
         patch.setattr(torch.ops.mkldnn, "_linear_pointwise", refuse)
         assert llama.pack_weights(2, min_weights=0) == 0 and not llama._packed
-    monkeypatch.setattr(fast_forward, "_onednn_packing_available", lambda: False)
+    monkeypatch.setattr(packing, "onednn_packing_available", lambda: False)
     assert llama.pack_weights(2, min_weights=0) == 0
+
+
+def test_onednn_bf16_support_is_a_bool_and_false_where_torch_s_private_op_is_missing_or_refuses(
+    monkeypatch,
+):
+    assert isinstance(packing.onednn_bf16_supported(), bool)
+
+    def refuse():
+        raise RuntimeError("not supported by this build")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", refuse)
+        assert packing.onednn_bf16_supported() is False
+    with monkeypatch.context() as patch:
+        patch.delattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported")
+        assert packing.onednn_bf16_supported() is False

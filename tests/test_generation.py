@@ -8,10 +8,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM
 
+import distillm.generation as generation
 from distillm import IGNORE_INDEX
-from distillm.config import GenerationConfig
-from distillm.generation import sample, sample_mixed, samples_to_batch
+from distillm.config import ConfigError, GenerationConfig, load_config
+from distillm.fast_forward import FastDecoder, fast_decoder
+from distillm.generation import AUTO_SAMPLER, resolve_sampler, sample, sample_mixed, samples_to_batch
 from numerics import assert_as_accurate_as
 
 EOS = 0  # the tiny tokenizer's EOS, which is also its pad token (as with GPT-2)
@@ -20,8 +23,6 @@ PAD = 0
 
 @pytest.fixture(scope="module")
 def gpt2(tiny_student_dir):
-    from transformers import AutoModelForCausalLM
-
     return AutoModelForCausalLM.from_pretrained(str(tiny_student_dir)).eval()
 
 
@@ -32,15 +33,11 @@ def llama_dir(tiny_model_factory):
 
 @pytest.fixture(scope="module")
 def llama(llama_dir):
-    from transformers import AutoModelForCausalLM
-
     return AutoModelForCausalLM.from_pretrained(str(llama_dir)).eval()
 
 
 @pytest.fixture(scope="module")
 def llama_eager(llama_dir):
-    from transformers import AutoModelForCausalLM
-
     return AutoModelForCausalLM.from_pretrained(str(llama_dir), attn_implementation="eager").eval()
 
 
@@ -50,10 +47,6 @@ def mistral(tiny_model_factory):
 
     The window binds only beyond 4,096 positions, so these short runs take the fast decoding step.
     """
-    from transformers import AutoModelForCausalLM
-
-    from distillm.fast_forward import fast_decoder
-
     folder = tiny_model_factory(
         "mistral",
         seed=5,
@@ -72,10 +65,6 @@ def mistral(tiny_model_factory):
 @pytest.fixture(scope="module")
 def mistral_window(tiny_model_factory):
     """Mistral with a 6-position sliding window, which these runs exceed: Hugging Face's own forward."""
-    from transformers import AutoModelForCausalLM
-
-    from distillm.fast_forward import fast_decoder
-
     folder = tiny_model_factory(
         "mistral", seed=6, layers=2, hidden=32, heads=4, num_key_value_heads=2, sliding_window=6
     )
@@ -86,8 +75,6 @@ def mistral_window(tiny_model_factory):
 
 @pytest.fixture(scope="module")
 def opt(tiny_model_factory):
-    from transformers import AutoModelForCausalLM
-
     return AutoModelForCausalLM.from_pretrained(
         str(tiny_model_factory("opt", seed=4, layers=2, hidden=32, heads=4))
     ).eval()
@@ -180,8 +167,6 @@ def test_greedy_decoding_equals_hf_generate_with_left_padded_prompts(family, req
 def packed(monkeypatch) -> list[int]:
     """What each ``FastDecoder.pack_weights`` call packed; it packs every map whatever its size (the test
     models are tiny)."""
-    from distillm.fast_forward import FastDecoder
-
     counts: list[int] = []
     pack_weights = FastDecoder.pack_weights
 
@@ -227,7 +212,6 @@ def test_sampling_under_cpu_autocast_packs_nothing_and_samples_like_unpacked(lla
 
 def test_greedy_decoding_of_a_peft_model_equals_its_generate_and_uses_the_adapters(gpt2):
     peft = pytest.importorskip("peft")
-    import copy
 
     lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], init_lora_weights=False)
     wrapped = peft.get_peft_model(copy.deepcopy(gpt2), lora).eval()
@@ -502,8 +486,6 @@ def test_the_generate_sampler_gets_the_sampling_settings(gpt2):
 
 
 def test_auto_sampler_follows_the_device_type_table():
-    from distillm.generation import AUTO_SAMPLER, resolve_sampler
-
     assert resolve_sampler("auto", "cpu") == AUTO_SAMPLER["cpu"] == "distillm"  # measured: ours is faster
     assert resolve_sampler("auto", torch.device("cuda", 0)) == AUTO_SAMPLER["cuda"]
     assert resolve_sampler("auto", "meta") == "distillm"  # device types not in the table
@@ -514,8 +496,6 @@ def test_auto_sampler_follows_the_device_type_table():
 
 
 def test_auto_sampler_runs_the_loop_the_table_names_for_the_prompts_device(gpt2, monkeypatch):
-    import distillm.generation as generation
-
     calls: list[str] = []
     hf_generate = generation._hf_generate
 
@@ -533,8 +513,6 @@ def test_auto_sampler_runs_the_loop_the_table_names_for_the_prompts_device(gpt2,
 
 
 def test_an_unknown_sampler_is_refused_by_the_config_naming_the_key():
-    from distillm.config import ConfigError, load_config
-
     with pytest.raises(ConfigError, match="generation.sampler='hf'"):
         load_config(overrides=["generation.sampler=hf"], validate=False)
 
@@ -545,23 +523,17 @@ def test_an_unknown_sampler_is_refused_by_the_config_naming_the_key():
 
 @pytest.fixture(scope="module")
 def gpt2_teacher(tiny_teacher_dir):
-    from transformers import AutoModelForCausalLM
-
     return AutoModelForCausalLM.from_pretrained(str(tiny_teacher_dir)).eval()
 
 
 @pytest.fixture(scope="module")
 def llama_teacher(tiny_model_factory):
-    from transformers import AutoModelForCausalLM
-
     folder = tiny_model_factory("llama", seed=8, layers=2, hidden=48, heads=4, num_key_value_heads=2)
     return AutoModelForCausalLM.from_pretrained(str(folder)).eval()
 
 
 @pytest.fixture(scope="module")
 def opt_teacher(tiny_model_factory):
-    from transformers import AutoModelForCausalLM
-
     return AutoModelForCausalLM.from_pretrained(
         str(tiny_model_factory("opt", seed=9, layers=2, hidden=48, heads=4))
     ).eval()

@@ -8,7 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+import transformers.activations
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
+from distillm.config import ObjectiveConfig, load_config
+from distillm.kernels import gelu as gelu_kernel
+from distillm.kernels.gelu import SigmoidTanhGELU
+from distillm.models import build_small_model, load_causal_lm
+from distillm.objective import StudentObjective, teacher_forward
+from distillm.train import train
 from numerics import assert_as_accurate_as, unit_roundoff
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -16,8 +26,6 @@ FAMILIES = ["gpt2", "opt", "llama", "qwen2", "mistral"]
 
 
 def run_config(preset: str, task_data, out: Path, **extra):
-    from distillm.config import load_config
-
     values = {
         "data.train": task_data / "train.jsonl",
         "data.dev": task_data / "dev.jsonl",
@@ -48,11 +56,6 @@ def first_loss(run: Path) -> float:
 def test_each_family_trains_two_steps_saves_and_reloads_through_auto_classes(
     family, task_data, tiny_model_factory, tmp_path
 ):
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
-
-    from distillm.train import train
-
     student = tiny_model_factory(family, seed=1, layers=2, hidden=32, heads=2)
     out = tmp_path / family
     result = train(run_config("sft", task_data, out, **{"model.student": student}))
@@ -78,10 +81,6 @@ def test_each_family_trains_two_steps_saves_and_reloads_through_auto_classes(
 def test_the_chunked_loss_path_gives_the_dense_first_step_loss(
     family, tied, task_data, tiny_model_factory, tmp_path
 ):
-    from transformers import AutoModelForCausalLM
-
-    from distillm.train import train
-
     extra = {} if family == "gpt2" else {"tie_word_embeddings": tied}
     student = tiny_model_factory(family, seed=1, layers=2, hidden=32, heads=2, **extra)
     teacher = tiny_model_factory(family, seed=2, layers=2, hidden=48, heads=2, **extra)
@@ -110,10 +109,6 @@ def test_the_chunked_loss_path_gives_the_dense_first_step_loss(
 
 @pytest.mark.gpu
 def test_on_a_gpu_in_bf16_the_chunked_and_dense_losses_and_gradients_agree(tiny_tokenizer):
-    from distillm.config import ObjectiveConfig
-    from distillm.models import build_small_model
-    from distillm.objective import StudentObjective, teacher_forward
-
     device, vocab = torch.device("cuda"), len(tiny_tokenizer)
     teacher = build_small_model(
         "llama", vocab, seed=2, layers=2, hidden=128, heads=4, tie_word_embeddings=False
@@ -147,11 +142,9 @@ def tanh_gelu_reference(x: torch.Tensor) -> torch.Tensor:
 @pytest.fixture
 def sigmoid_form_calls(monkeypatch):
     """Counts calls of the sigmoid-form forward, so a test can tell which path ``SigmoidTanhGELU`` took."""
-    import distillm.models as models
-
     calls = []
-    original = models.tanh_gelu_as_sigmoid
-    monkeypatch.setattr(models, "tanh_gelu_as_sigmoid", lambda x: calls.append(x) or original(x))
+    original = gelu_kernel.tanh_gelu_as_sigmoid
+    monkeypatch.setattr(gelu_kernel, "tanh_gelu_as_sigmoid", lambda x: calls.append(x) or original(x))
     return calls
 
 
@@ -167,8 +160,6 @@ def sigmoid_form_bound(x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("requires_grad", [True, False])
 def test_sigmoid_tanh_gelu_matches_the_tanh_formula_in_float64(sigmoid_form_calls, requires_grad):
-    from distillm.models import SigmoidTanhGELU
-
     x = torch.linspace(-20, 20, 200_001).requires_grad_(requires_grad)
     y = SigmoidTanhGELU()(x)
     assert len(sigmoid_form_calls) == 1 and y.dtype == torch.float32
@@ -179,8 +170,6 @@ def test_sigmoid_tanh_gelu_matches_the_tanh_formula_in_float64(sigmoid_form_call
 
 
 def test_sigmoid_tanh_gelu_gradient_matches_the_formula_s_float64_gradient(sigmoid_form_calls):
-    from distillm.models import SigmoidTanhGELU
-
     generator = torch.Generator().manual_seed(0)
     x = (torch.randn(64, 512, generator=generator) * 4).requires_grad_()
     upstream = torch.randn(64, 512, generator=generator)
@@ -192,8 +181,6 @@ def test_sigmoid_tanh_gelu_gradient_matches_the_formula_s_float64_gradient(sigmo
 
 
 def test_sigmoid_tanh_gelu_passes_gradcheck_and_gradgradcheck_in_float64(sigmoid_form_calls):
-    from distillm.models import SigmoidTanhGELU
-
     x = (torch.randn(6, 7, dtype=torch.float64) * 3).requires_grad_()
     assert torch.autograd.gradcheck(SigmoidTanhGELU(), (x,))
     assert torch.autograd.gradgradcheck(SigmoidTanhGELU(), (x,))
@@ -201,10 +188,6 @@ def test_sigmoid_tanh_gelu_passes_gradcheck_and_gradgradcheck_in_float64(sigmoid
 
 
 def test_sigmoid_tanh_gelu_agrees_with_torch_at_edge_values():
-    import torch.nn.functional as F
-
-    from distillm.models import SigmoidTanhGELU
-
     inf, nan = float("inf"), float("nan")
     for dtype in (torch.float32, torch.float64):
         values = [inf, -inf, 0.0, -0.0, 1e30, -1e30, 1e3, -1e3, 30.0, -30.0, 1e-40, -1e-40, nan]
@@ -216,8 +199,6 @@ def test_sigmoid_tanh_gelu_agrees_with_torch_at_edge_values():
 
 
 def test_sigmoid_tanh_gelu_handles_non_contiguous_input_and_its_gradient(sigmoid_form_calls):
-    from distillm.models import SigmoidTanhGELU
-
     base = (torch.randn(512, 64) * 4).requires_grad_()
     x = base.t()[:, ::2]  # [64, 256], strided both ways
     assert not x.is_contiguous()
@@ -233,8 +214,6 @@ def test_sigmoid_tanh_gelu_handles_non_contiguous_input_and_its_gradient(sigmoid
 
 
 def test_sigmoid_tanh_gelu_saves_only_its_input_and_builds_no_graph_without_grad(sigmoid_form_calls):
-    from distillm.models import SigmoidTanhGELU
-
     gelu = SigmoidTanhGELU()
     x = torch.randn(16, 1024, requires_grad=True)
     y = gelu(x)
@@ -246,10 +225,6 @@ def test_sigmoid_tanh_gelu_saves_only_its_input_and_builds_no_graph_without_grad
 
 
 def test_sigmoid_tanh_gelu_leaves_bf16_and_half_inputs_to_torch_s_kernel(sigmoid_form_calls):
-    import torch.nn.functional as F
-
-    from distillm.models import SigmoidTanhGELU
-
     gelu = SigmoidTanhGELU()
     for dtype in (torch.bfloat16, torch.float16):  # the form would round each of its steps in 16 bits
         x = torch.randn(64, 512).to(dtype)
@@ -268,11 +243,6 @@ def test_sigmoid_tanh_gelu_leaves_bf16_and_half_inputs_to_torch_s_kernel(sigmoid
 def test_loading_swaps_tanh_gelus_for_the_sigmoid_form_with_the_same_outputs_gradients_and_config(
     tiny_model_factory, tmp_path, sigmoid_form_calls, activation, transformers_class
 ):
-    import transformers.activations
-    from transformers import AutoModelForCausalLM
-
-    from distillm.models import SigmoidTanhGELU, load_causal_lm
-
     hf_class = getattr(transformers.activations, transformers_class)
     folder = tiny_model_factory("gpt2", seed=3, layers=2, hidden=32, heads=2, activation_function=activation)
     reference = AutoModelForCausalLM.from_pretrained(str(folder)).eval()  # transformers' own modules
@@ -302,8 +272,6 @@ def test_loading_swaps_tanh_gelus_for_the_sigmoid_form_with_the_same_outputs_gra
 def test_a_bf16_gpt2_on_a_cpu_is_warned_about_and_a_bf16_llama_or_fp32_gpt2_is_not(
     tiny_model_factory, caplog
 ):
-    from distillm.models import load_causal_lm
-
     gpt2 = tiny_model_factory("gpt2", seed=3, layers=1, hidden=32, heads=2)
     llama = tiny_model_factory("llama", seed=3, layers=1, hidden=32, heads=2)
     with caplog.at_level("WARNING", logger="distillm.models"):

@@ -133,12 +133,11 @@ def teacher_dtype_here(requested: str = "auto") -> str:
         return requested
     import torch
 
+    from distillm.kernels.packing import onednn_bf16_supported
+
     if torch.cuda.is_available():
         return "bf16"
-    try:
-        return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
-    except (AttributeError, RuntimeError):  # a torch build without oneDNN
-        return "fp32"
+    return "bf16" if onednn_bf16_supported() else "fp32"
 
 
 def real_overrides(plan: RealPlan, lr: float) -> list[str]:

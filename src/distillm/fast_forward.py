@@ -4,15 +4,16 @@ Distillation only needs a causal LM's final hidden states at the *supervised* po
 decoding step only at the *last* one. A transformer's last layer can stop there: its keys and values are
 needed at every position, but its attention queries, output projection, MLP and final norm only where the
 result is read. :class:`FastDecoder` runs the embedding and all layers but the last over every position,
-then the last layer (after its key/value projection) and the final norm over the kept positions only. On
-the bundled tasks' batches about 9 of every 100 positions are supervised, so the last layer costs about a
-fifth of its full price, in the teacher's forward and in the student's forward and backward alike.
+then the last layer (after its key/value projection) and the final norm over the kept positions only. Few
+positions of an instruction batch are supervised (docs/design.md gives the share on the bundled tasks), so
+the last layer costs little more than its key/value projection, in the teacher's forward and in the
+student's forward and backward alike.
 
 Prompts built from one template start with the same words. A prefix that every row of a batch shares
 (same tokens at the same positions) has the same keys and values in every row, so
 :meth:`FastDecoder.hidden_states` runs it once, as a batch of one row, and broadcasts its keys and values
-(their gradients are summed back over the rows). On the bundled tasks with `benchmarks/vs_trl.py`'s
-1,024-token tokenizer that is 8 tokens, or 33 when no row of the batch has an input.
+(their gradients are summed back over the rows); benchmarks/README.md (``vs_trl.py``) gives its length on
+the bundled tasks.
 
 It is the model's own computation, not an approximation: every linear map, norm, MLP, rotary embedding and
 dropout is the model's own module (so LoRA adapters injected by peft apply); what is written here is only
@@ -23,16 +24,17 @@ a large share of a decoding step for small models on a CPU. ``tests/test_fast_fo
 states, decoding logits and parameter gradients against the Hugging Face forward for every supported
 family.
 
-Supported: GPT-2 (``gpt2``) and the Llama layout (``llama``, ``mistral``, ``qwen2``, ``qwen3``: grouped
-keys/values, rotary embeddings, optional q/k norms), without GPT-2's reordered/upcast attention, and with a
-sliding-window attention only where the window covers the whole sequence. :func:`fast_decoder` returns ``None`` for anything else, and callers fall back to
-the model's own forward. It must not be used on a model whose parameters are sharded over processes
-(DeepSpeed ZeRO-3, FSDP): those gather parameters in the forward of the wrapped model, which this bypasses.
+Supported: the families of :data:`distillm.layouts.LAYOUTS`, GPT-2 (``gpt2``, without its reordered/upcast
+attention) and the Llama layout (``llama``, ``mistral``, ``qwen2``, ``qwen3``: grouped keys/values, rotary
+embeddings, optional q/k norms, a sliding-window attention only where the window covers the whole sequence).
+:class:`FastDecoder` is the same for all of them; a family's layout says how to read its modules.
+:func:`fast_decoder` returns ``None`` for anything else, and callers fall back to the model's own forward.
+It must not be used on a model whose parameters are sharded over processes (DeepSpeed ZeRO-3, FSDP): those
+gather parameters in the forward of the wrapped model, which this bypasses.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -40,25 +42,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
-from transformers.pytorch_utils import Conv1D
 
+from distillm.kernels.packing import MIN_PACKED_WEIGHTS, PackedLinears, packable
+from distillm.layouts import LAYOUTS, DecoderLayout
 from distillm.models import unwrap_peft
-
-# Model types whose decoder layers have the Llama layout: pre-norm, q/k/v/o projections, rotary embedding.
-LLAMA_LAYOUT_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 
 # Below this share of kept positions the last layer runs on the kept positions only; above it the gather
 # and the [B, Q, T] mask cost more than the few skipped positions save.
 _MAX_KEPT_SHARE = 0.75
 # A shared prefix shorter than this runs with every row: its separate batch-of-one pass would cost more.
 _MIN_SHARED_PREFIX = 4
-# MLP classes whose forward is `down_proj(act_fn(gate_proj(x)) * up_proj(x))`; with packed weights
-# (`FastDecoder.pack_weights`) that glue runs here, around the packed linear maps.
-_GATED_MLPS = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"})
-# oneDNN's packed linear has a fixed cost of ~20-30 us more per call than F.linear: at 8 rows it breaks even
-# at about 256K-330K weights (576x576: 1.00x; 576x1536 1.72x, 128x8192 1.81x faster; 128x384 0.50x), see
-# benchmarks/packed_linear.py.
-_MIN_PACKED_WEIGHTS = 1 << 18
 
 
 @dataclass
@@ -84,24 +77,11 @@ def fast_decoder(model: nn.Module, positions: int | None = None) -> FastDecoder 
     """
     hf_model = unwrap_peft(model)
     config = getattr(hf_model, "config", None)
-    model_type = getattr(config, "model_type", None)
+    layout = LAYOUTS.get(getattr(config, "model_type", None))
     base = getattr(hf_model, "base_model", None)
-    if model_type == "gpt2":
-        supported = not (config.reorder_and_upcast_attn or getattr(config, "add_cross_attention", False))
-    elif model_type in LLAMA_LAYOUT_TYPES:
-        # A window of W positions (each query sees itself and the W - 1 before it) restricts nothing in a
-        # sequence of at most W positions.
-        window = getattr(config, "sliding_window", None)
-        sliding = model_type == "mistral" or "sliding_attention" in (
-            getattr(config, "layer_types", None) or ()
-        )
-        longest = config.max_position_embeddings if positions is None else positions
-        supported = not sliding or window is None or window >= longest
-    else:
-        supported = False
-    if supported and _sharded(hf_model):
-        supported = False
-    return FastDecoder(hf_model, base, model_type == "gpt2") if supported and base is not None else None
+    if layout is None or base is None or not layout.supports(config, positions) or _sharded(hf_model):
+        return None
+    return FastDecoder(hf_model, layout(config, base))
 
 
 def _sharded(model: nn.Module) -> bool:
@@ -110,34 +90,26 @@ def _sharded(model: nn.Module) -> bool:
         return True
     if not torch.distributed.is_available():
         return False
+    # Here, not at the top: a torch build without torch.distributed has no torch.distributed.fsdp.
     from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
     return any(isinstance(module, (FSDPModule, FullyShardedDataParallel)) for module in model.modules())
 
 
 class FastDecoder:
-    """Final hidden states of a supported decoder, with the last layer applied only where they are read."""
+    """Final hidden states of a supported decoder, with the last layer applied only where they are read.
 
-    def __init__(self, hf_model: nn.Module, base: nn.Module, gpt2: bool):
+    Family-agnostic: ``layout`` (:mod:`distillm.layouts`) says how to read the family's modules.
+    """
+
+    def __init__(self, hf_model: nn.Module, layout: DecoderLayout):
         self.model = hf_model
-        self.base = base
-        self.gpt2 = gpt2
-        # Linear maps packed for decoding (`pack_weights`): module -> (oneDNN weight, bias or None).
-        self._packed: dict[nn.Module, tuple[Tensor, Tensor | None]] = {}
+        self.layout = layout
+        self.layers = layout.layers
+        self.heads, self.kv_heads = layout.heads, layout.kv_heads
+        # Linear maps packed for decoding (`pack_weights`), and the MLPs all of whose maps are packed.
+        self._packed = PackedLinears()
         self._packed_mlps: set[nn.Module] = set()
-        self.layers: nn.ModuleList = base.h if gpt2 else base.layers
-        if gpt2:
-            config = hf_model.config
-            self.heads = self.kv_heads = config.n_head
-            self.head_dim = config.n_embd // config.n_head
-            self.rotary = None
-        else:
-            attention = self.layers[0].self_attn
-            self.heads = hf_model.config.num_attention_heads
-            self.kv_heads = hf_model.config.num_key_value_heads
-            self.head_dim = attention.head_dim
-            # The modeling module's own rotary application (identical to what its attention calls).
-            self.rotary = sys.modules[type(attention).__module__].apply_rotary_pos_emb
 
     # ----------------------------------------------------------------------------------------------------
     # Training and scoring: a right-padded batch, hidden states at the kept positions.
@@ -159,7 +131,7 @@ class FastDecoder:
         kept_per_row = keep.sum(-1)  # [B]
         queries = int(kept_per_row.max()) if keep.numel() else 0
         if queries == 0:
-            return self.base.get_input_embeddings().weight.new_zeros(0, self.model.config.hidden_size)
+            return self.model.get_input_embeddings().weight.new_zeros(0, self.model.config.hidden_size)
         shared = self._shared_prefix(input_ids, attention_mask, keep)
         past = self._prefix_keys_values(input_ids[:1, :shared]) if shared else [None] * len(self.layers)
         positions = torch.arange(shared, width, device=input_ids.device)  # [S]: the rest, S = T - shared
@@ -170,12 +142,12 @@ class FastDecoder:
             if padded or shared
             else None
         )  # [B, 1, S, T]
-        hidden, extra = self._embed(input_ids[:, shared:], positions[None, :])
+        hidden, extra = self.layout.embed(input_ids[:, shared:], positions[None, :])
         for layer, layer_past in zip(self.layers[:-1], past[:-1]):
             hidden = self._maybe_checkpoint(self._layer, layer, hidden, extra, mask, layer_past)
         if queries > _MAX_KEPT_SHARE * (width - shared):
             hidden = self._maybe_checkpoint(self._layer, self.layers[-1], hidden, extra, mask, past[-1])
-            return self._final_norm(hidden)[keep[:, shared:]]
+            return self.layout.final_norm(hidden)[keep[:, shared:]]
         # Each row's kept positions first, in order (a stable sort puts True before False), cut to the most
         # any row keeps; `valid` marks the real ones among them.
         query_positions = keep[:, shared:].int().argsort(dim=-1, descending=True, stable=True)[:, :queries]
@@ -184,7 +156,7 @@ class FastDecoder:
         hidden = self._maybe_checkpoint(
             self._layer, self.layers[-1], hidden, extra, query_mask, past[-1], None, query_positions
         )  # [B, Q, H]
-        return self._final_norm(hidden[valid])  # [N, H]
+        return self.layout.final_norm(hidden[valid])  # [N, H]
 
     def _shared_prefix(self, input_ids: Tensor, attention_mask: Tensor, keep: Tensor) -> int:
         """How many leading positions every row shares (same real tokens, none kept); 0 when not worth it."""
@@ -200,8 +172,7 @@ class FastDecoder:
         return shared
 
     def _dropout_active(self) -> bool:
-        attention = self.layers[0].attn if self.gpt2 else self.layers[0].self_attn
-        attention_p = attention.attn_dropout.p if self.gpt2 else attention.attention_dropout
+        _, attention_p = self.layout.attention(self.layers[0])
         return attention_p > 0 or any(
             isinstance(module, nn.Dropout) and module.p > 0 for module in self.model.modules()
         )
@@ -209,12 +180,12 @@ class FastDecoder:
     def _prefix_keys_values(self, prefix_ids: Tensor) -> list[tuple[Tensor, Tensor]]:
         """Keys and values ``[1, KV heads, P, d]`` of every layer for the shared prefix ``[1, P]``."""
         positions = torch.arange(prefix_ids.shape[1], device=prefix_ids.device)[None, :]
-        hidden, extra = self._embed(prefix_ids, positions)
+        hidden, extra = self.layout.embed(prefix_ids, positions)
         recorded: list[tuple[Tensor, Tensor]] = []
         for layer in self.layers[:-1]:
             hidden = self._layer(layer, hidden, extra, None, record=recorded)
         # The last layer: only its keys and values (no position of the prefix is kept).
-        _, key, value = self._projections(self.layers[-1], self._norm_in(self.layers[-1], hidden), extra)
+        _, key, value = self._projections(self.layers[-1], hidden, extra)
         recorded.append((key, value))
         return recorded
 
@@ -238,7 +209,7 @@ class FastDecoder:
         # Causal by index (left padding: a row's real tokens are its last ones), with the padding masked.
         index = torch.arange(width, device=input_ids.device)[None, :].expand(batch, width)
         mask = _attention_mask(key_valid, index) if padded else None
-        hidden, extra = self._embed(input_ids, positions)
+        hidden, extra = self.layout.embed(input_ids, positions)
         recorded: list[tuple[Tensor, Tensor]] = []
         for layer in self.layers[:-1]:
             hidden = self._layer(layer, hidden, extra, mask, record=recorded)
@@ -252,27 +223,26 @@ class FastDecoder:
         if padded:
             key_mask = torch.ones(batch, 1, 1, capacity, dtype=torch.bool, device=input_ids.device)
             key_mask[:, 0, 0, :width] = key_valid
-        return self._final_norm(hidden[:, 0]), KVCache(keys, values, width, key_mask)
+        return self.layout.final_norm(hidden[:, 0]), KVCache(keys, values, width, key_mask)
 
     def step(self, tokens: Tensor, positions: Tensor, cache: KVCache) -> Tensor:
         """One decoding step: ``tokens`` ``[B]`` at ``positions`` ``[B, 1]``; returns the hidden states ``[B, H]``."""
-        hidden, extra = self._embed(tokens[:, None], positions)
+        hidden, extra = self.layout.embed(tokens[:, None], positions)
         length = cache.length + 1
         mask = cache.key_mask[..., :length] if cache.key_mask is not None else None
         for index, layer in enumerate(self.layers):
             hidden = self._decode_layer(layer, hidden, extra, mask, cache, index)
         cache.length = length
-        return self._final_norm(hidden[:, 0])
+        return self.layout.final_norm(hidden[:, 0])
 
     def pack_weights(
-        self, batch_size: int, head: nn.Module | None = None, min_weights: int = _MIN_PACKED_WEIGHTS
+        self, batch_size: int, head: nn.Module | None = None, min_weights: int = MIN_PACKED_WEIGHTS
     ) -> int:
         """Copy the layers' linear weights (and ``head``'s) into oneDNN's blocked layout, for decoding on a CPU.
 
-        A decoding step multiplies a few rows (``batch_size``) by every weight matrix of the model. For such
-        skinny products oneDNN's kernels on its own packed weight layout (what ``torch.compile`` uses on CPUs)
-        run about twice as fast as the default ``F.linear`` once the weights no longer fit in the cache
-        (``benchmarks/generation.py``). The packed copies are made now and used by every later
+        A decoding step multiplies a few rows (``batch_size``) by every weight matrix of the model; for such
+        skinny products oneDNN's kernels on its packed layout are faster once the weights no longer fit in the
+        cache (:mod:`distillm.kernels.packing`). The packed copies are made now and used by every later
         :meth:`prefill`, :meth:`step` and :meth:`linear` while gradients are off (``generation.sample`` packs
         after its prefill); they are a second copy of the weights, held as long as this object, so pack once
         per decoding run, after the weights last changed. Nothing is packed under CPU autocast.
@@ -284,43 +254,19 @@ class FastDecoder:
         """
         self._packed.clear()
         self._packed_mlps.clear()
-        if not _onednn_packing_available() or torch.is_autocast_enabled("cpu"):
-            return 0  # under CPU autocast the inputs come in bf16, which the float32 packed maps refuse
-        modules: list[nn.Module] = [head] if head is not None else []
+        linears: list[nn.Module] = [head] if head is not None else []
         mlps: list[tuple[nn.Module, list[nn.Module]]] = []
         for layer in self.layers:
-            if self.gpt2:
-                modules += [layer.attn.c_attn, layer.attn.c_proj]
-                if type(layer.mlp).__name__ == "GPT2MLP":
-                    mlps.append((layer.mlp, [layer.mlp.c_fc, layer.mlp.c_proj]))
-            else:
-                attention = layer.self_attn
-                modules += [attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj]
-                if type(layer.mlp).__name__ in _GATED_MLPS:
-                    mlp = layer.mlp
-                    mlps.append((mlp, [mlp.gate_proj, mlp.up_proj, mlp.down_proj]))
-
-        def packable_weight(module: nn.Module) -> Tensor | None:
-            weight = _linear_weight(module)
-            return weight if weight is not None and weight.numel() >= min_weights else None
-
+            linears += self.layout.attention_linears(layer)
+            mlp_linears = self.layout.mlp_linears(layer)
+            if mlp_linears is not None:
+                mlps.append((layer.mlp, mlp_linears))
         # An MLP's maps only if all of them pack: otherwise the MLP runs its own forward (e.g. a LoRA layer
         # on one of them) and copies of the others would go unused.
-        mlps = [(mlp, maps) for mlp, maps in mlps if all(packable_weight(m) is not None for m in maps)]
-        for module in modules + [linear for _, linears in mlps for linear in linears]:
-            weight = packable_weight(module)
-            if weight is None:
-                continue
-            bias = module.bias.detach() if module.bias is not None else None
-            try:
-                packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_size)
-                if not self._packed:  # private ops: try the first one before relying on them
-                    probe = weight.new_zeros(1, weight.shape[1])
-                    torch.ops.mkldnn._linear_pointwise(probe, packed, bias, "none", [None], "")
-            except (RuntimeError, TypeError):  # this torch build refuses them: decode unpacked
-                self._packed.clear()
-                return 0
-            self._packed[module] = (packed, bias)
+        mlps = [(mlp, maps) for mlp, maps in mlps if all(packable(m, min_weights) for m in maps)]
+        linears = [m for m in linears if packable(m, min_weights)] + [m for _, maps in mlps for m in maps]
+        if not self._packed.pack(linears, batch_size):
+            return 0
         self._packed_mlps.update(mlp for mlp, _ in mlps)
         return len(self._packed)
 
@@ -330,57 +276,19 @@ class FastDecoder:
 
     def linear(self, module: nn.Module, inputs: Tensor) -> Tensor:
         """``module(inputs)``, through its packed weight when :meth:`pack_weights` packed it and grads are off."""
-        packed = self._packed.get(module) if self._packed else None
-        if packed is None or torch.is_grad_enabled() or inputs.dtype != torch.float32:
-            return module(inputs)
-        return torch.ops.mkldnn._linear_pointwise(inputs, packed[0], packed[1], "none", [None], "")
-
-    def _mlp(self, mlp: nn.Module, hidden: Tensor) -> Tensor:
-        if mlp not in self._packed_mlps or torch.is_grad_enabled():
-            return mlp(hidden)
-        if self.gpt2:  # GPT2MLP.forward
-            return mlp.dropout(self.linear(mlp.c_proj, mlp.act(self.linear(mlp.c_fc, hidden))))
-        gate = mlp.act_fn(self.linear(mlp.gate_proj, hidden))  # the gated MLP's forward (_GATED_MLPS)
-        return self.linear(mlp.down_proj, gate * self.linear(mlp.up_proj, hidden))
+        return self._packed.linear(module, inputs)
 
     # ----------------------------------------------------------------------------------------------------
-    # The pieces of a layer, per family.
+    # A layer, from the pieces its family's layout names.
 
-    def _embed(self, input_ids: Tensor, positions: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
-        """Input embeddings ``[B, T, H]`` and the rotary ``(cos, sin)`` for ``positions`` (None for GPT-2)."""
-        if self.gpt2:
-            hidden = self.base.wte(input_ids) + self.base.wpe(positions)
-            return self.base.drop(hidden), None
-        hidden = self.base.embed_tokens(input_ids)
-        return hidden, self.base.rotary_emb(hidden, position_ids=positions.expand(hidden.shape[0], -1))
-
-    def _final_norm(self, hidden: Tensor) -> Tensor:
-        return self.base.ln_f(hidden) if self.gpt2 else self.base.norm(hidden)
-
-    def _projections(self, layer: nn.Module, normed: Tensor, extra) -> tuple[Tensor, Tensor, Tensor]:
-        """Queries ``[B, heads, T, d]``, keys and values ``[B, KV heads, T, d]`` of ``normed`` ``[B, T, H]``."""
-        batch, width, _ = normed.shape
-        if self.gpt2:
-            qkv = self.linear(layer.attn.c_attn, normed).view(batch, width, 3, self.heads, self.head_dim)
-            query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, T, d]
-            return query, key, value
-        attention = layer.self_attn
-        query = self.linear(attention.q_proj, normed).view(batch, width, self.heads, self.head_dim)
-        key = self.linear(attention.k_proj, normed).view(batch, width, self.kv_heads, self.head_dim)
-        value = self.linear(attention.v_proj, normed).view(batch, width, self.kv_heads, self.head_dim)
-        if hasattr(attention, "q_norm"):  # Qwen3: RMS norm over each head's vector, before the rotation
-            query, key = attention.q_norm(query), attention.k_norm(key)
-        cos, sin = extra
-        query, key = self.rotary(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
-        return query, key, value.transpose(1, 2)
+    def _projections(self, layer: nn.Module, hidden: Tensor, extra) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries ``[B, heads, T, d]``, keys and values ``[B, KV heads, T, d]`` of the layer input ``[B, T, H]``."""
+        normed = self.layout.attention_norm(layer, hidden)
+        return self.layout.projections(layer, normed, extra, self.linear)
 
     def _attention(self, layer: nn.Module, query: Tensor, key: Tensor, value: Tensor, mask) -> Tensor:
         """Scaled dot-product attention ``[B, heads, Q, d]`` -> merged heads ``[B, Q, heads * d]``."""
-        attention = layer.attn if self.gpt2 else layer.self_attn
-        if self.gpt2:
-            dropout = attention.attn_dropout.p
-        else:
-            dropout = attention.attention_dropout
+        attention, dropout = self.layout.attention(layer)
         output = F.scaled_dot_product_attention(
             query,
             key,
@@ -395,14 +303,11 @@ class FastDecoder:
 
     def _finish(self, layer: nn.Module, hidden: Tensor, attended: Tensor) -> Tensor:
         """Output projection, residual, MLP and residual of a layer; ``hidden`` is the layer's input."""
-        if self.gpt2:
-            hidden = hidden + layer.attn.resid_dropout(self.linear(layer.attn.c_proj, attended))
-            return hidden + self._mlp(layer.mlp, layer.ln_2(hidden))
-        hidden = hidden + self.linear(layer.self_attn.o_proj, attended)
-        return hidden + self._mlp(layer.mlp, layer.post_attention_layernorm(hidden))
-
-    def _norm_in(self, layer: nn.Module, hidden: Tensor) -> Tensor:
-        return layer.ln_1(hidden) if self.gpt2 else layer.input_layernorm(hidden)
+        hidden = hidden + self.layout.attention_output(layer, attended, self.linear)
+        normed = self.layout.mlp_norm(layer, hidden)
+        if layer.mlp not in self._packed_mlps or torch.is_grad_enabled():
+            return hidden + layer.mlp(normed)
+        return hidden + self.layout.packed_mlp(layer.mlp, normed, self.linear)
 
     def _layer(
         self,
@@ -421,7 +326,7 @@ class FastDecoder:
         ``query_positions`` ``[B, Q]``: run the layer past its key/value projection at these positions only
         (keys and values stay everywhere), returning ``[B, Q, H]``.
         """
-        query, key, value = self._projections(layer, self._norm_in(layer, hidden), extra)
+        query, key, value = self._projections(layer, hidden, extra)
         if record is not None:
             record.append((key, value))
         key, value = _with_past(past, key, value)
@@ -433,7 +338,7 @@ class FastDecoder:
         return self._finish(layer, hidden, self._attention(layer, query, key, value, mask))
 
     def _decode_layer(self, layer, hidden: Tensor, extra, mask, cache: KVCache, index: int) -> Tensor:
-        query, key, value = self._projections(layer, self._norm_in(layer, hidden), extra)
+        query, key, value = self._projections(layer, hidden, extra)
         start = cache.length
         cache.keys[index][:, :, start : start + 1] = key
         cache.values[index][:, :, start : start + 1] = value
@@ -446,26 +351,6 @@ def _checkpointing(model: nn.Module) -> bool:
     """Whether activation checkpointing is on (``gradient_checkpointing_enable``), asked without warnings."""
     name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else None
     return bool(getattr(model, name or "is_gradient_checkpointing", False))
-
-
-def _onednn_packing_available() -> bool:
-    """Whether torch has oneDNN's packed-weight linear ops (private ops that torch.compile uses on CPUs)."""
-    if not torch.backends.mkldnn.is_available():
-        return False
-    return all(hasattr(torch.ops.mkldnn, name) for name in ("_reorder_linear_weight", "_linear_pointwise"))
-
-
-def _linear_weight(module: nn.Module) -> Tensor | None:
-    """The ``[out, in]`` weight of a plain float32 CPU linear map (``nn.Linear``, transformers' ``Conv1D``)."""
-    if type(module) is nn.Linear:
-        weight = module.weight
-    elif type(module) is Conv1D:
-        weight = module.weight.t()  # Conv1D computes x @ W + b with W [in, out]
-    else:
-        return None
-    if weight.device.type != "cpu" or weight.dtype != torch.float32:
-        return None
-    return weight.detach()
 
 
 def _with_past(past: tuple[Tensor, Tensor] | None, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:

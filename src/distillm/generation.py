@@ -1,8 +1,8 @@
 """Fast sampling from a causal LM with a KV cache, and turning the samples into training batches.
 
 :func:`sample` is a lean decoding loop: it keeps the model's KV cache, computes the language-model head for
-the last position only, and draws tokens by inverse-CDF sampling from one uniform number per row. On 2 CPU
-cores it runs about twice as fast as ``model.generate`` with the same settings (``benchmarks/generation.py``).
+the last position only, and draws tokens by inverse-CDF sampling from one uniform number per row. On a CPU it
+is faster than ``model.generate`` with the same settings (``benchmarks/generation.py``; benchmarks/README.md).
 ``generation.sampler`` picks the loop: ours, ``model.generate``, or ``auto`` (:func:`resolve_sampler`: the one
 measured faster on the device type).
 :func:`samples_to_batch` builds a batch of the project's batch contract (``docs/design.md``) from the prompts
@@ -30,13 +30,13 @@ logger = logging.getLogger(__name__)
 
 # Heads of at least this many weights are applied as W @ h^T (see `_LastLogits`); below it F.linear is as fast.
 _TRANSPOSED_HEAD_MIN_SIZE = 1 << 22
-# Packing the weights for decoding (`FastDecoder.pack_weights`) costs 4-6 unpacked steps for the SmolLM2 shape
-# and saves about 30% of each step: worth it from about 13-20 steps on (benchmarks/packed_linear.py).
+# Packing the weights for decoding (`FastDecoder.pack_weights`) costs a few unpacked steps and saves part of
+# every later one: a run of fewer steps does not pay it back (benchmarks/README.md, packed_linear.py).
 _MIN_STEPS_TO_PACK = 16
 _TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
-# What `generation.sampler=auto` runs on each device type. CPU: ours, 2.5-3.3x faster than `generate`
-# (benchmarks/generation.py, docs/generation.md). CUDA: not measured yet; ours until the first GPU run of
-# benchmarks/gpu_check.sh (section "sampling") says otherwise: it prints which entry to write here. Device
+# What `generation.sampler=auto` runs on each device type. CPU: ours, faster than `generate`
+# (benchmarks/README.md, generation.py; docs/generation.md). CUDA: not measured yet; ours until the first GPU
+# run of benchmarks/gpu_check.sh (section "sampling") says otherwise: it prints which entry to write here. Device
 # types not listed run ours as well.
 AUTO_SAMPLER: dict[str, str] = {"cpu": "distillm", "cuda": "distillm"}
 
@@ -400,7 +400,8 @@ def _sample_categorical(probs: Tensor, generator: torch.Generator | None, block:
 
     One uniform number per row instead of ``torch.multinomial``'s work over the whole vocabulary. The CDF is
     walked in two levels (blocks of ``block`` tokens, then tokens inside the chosen block), in float64 so
-    the bins stay exact: a float64 cumsum over the whole vocabulary alone costs ~10 ms at V = 49k on CPU.
+    the bins stay exact; two levels because a float64 cumsum over the whole vocabulary is slow on a large
+    vocabulary (benchmarks/README.md, "Figures without a benchmark").
     """
     batch, vocab = probs.shape
     padding = (-vocab) % block
@@ -461,11 +462,12 @@ class _LastLogits:
 
     For models with a plain linear head (``distillm.models.has_plain_head``), the backbone is
     called directly and the head is applied to the last hidden state as ``W @ h^T``: for a skinny ``[B, H]``
-    input and a large head (vocab 49k x 576), MKL runs that product ~1.5-2x faster than ``h @ W^T``
-    (``F.linear``), and the head is half of a decoding step on CPU. Small heads keep ``F.linear``. For the
-    families of ``distillm.fast_forward`` the backbone is our own forward over the model's modules, with a
-    KV cache preallocated for ``capacity`` positions (no Hugging Face cache objects or mask builders per
-    step). Other models run their full forward, with ``logits_to_keep=1`` when they accept it.
+    input and a large head (vocab 49k x 576), MKL runs that product faster than ``h @ W^T`` (``F.linear``),
+    and the head is a large share of a decoding step on CPU (benchmarks/README.md, generation.py). Small
+    heads keep ``F.linear``. For the families of ``distillm.fast_forward`` the backbone is our own forward
+    over the model's modules, with a KV cache preallocated for ``capacity`` positions (no Hugging Face cache
+    objects or mask builders per step). Other models run their full forward, with ``logits_to_keep=1`` when
+    they accept it.
     """
 
     module: nn.Module

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import copy
 import logging
-import math
+import re
+from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.pytorch_utils import Conv1D
+
+from distillm.errors import UserError
+from distillm.kernels.gelu import fuse_tanh_gelu
+from distillm.storage import MANIFEST, recover_replaced, require_intact
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +60,6 @@ def small_model_config(
     **extra: Any,
 ):
     """A ``transformers`` config of a small model of ``family`` (gpt2, llama, qwen2, mistral, opt)."""
-    from transformers import AutoConfig
-
     if family not in _FAMILY_FIELDS:
         raise ValueError(f"unknown model family {family!r}; choose from {sorted(_FAMILY_FIELDS)}")
     names = _FAMILY_FIELDS[family]
@@ -79,9 +85,6 @@ def small_model_config(
 
 def build_small_model(family: str, vocab_size: int, seed: int = 0, **kwargs: Any):
     """A randomly initialised small causal LM (deterministic for ``seed``)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     config = small_model_config(family, vocab_size, **kwargs)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config)
@@ -100,8 +103,6 @@ def unwrap_peft(model):
 
 def has_plain_head(model) -> bool:
     """Whether ``model`` (peft-wrapped or not) computes its logits as a plain linear head on its last hidden state."""
-    from torch import nn
-
     inner = unwrap_peft(model)
     head = inner.get_output_embeddings()
     return getattr(inner.config, "model_type", None) in PLAIN_HEAD_MODEL_TYPES and type(head) is nn.Linear
@@ -114,8 +115,6 @@ _TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def torch_dtype(precision: str):
-    import torch
-
     return getattr(torch, _TORCH_DTYPES[precision])
 
 
@@ -123,15 +122,8 @@ def _check_exists(path: str, role: str, verify: bool = False) -> None:
     """A missing local path is a user error; anything shaped like ``org/name`` may be a hub id.
 
     ``verify``: check a local folder against its manifest (``verify_model_folder``)."""
-    import re
-    from pathlib import Path
-
-    from distillm.errors import UserError
-
     if not path:
         raise UserError(f"no {role} given; set model.{role}=PATH")
-    from distillm.storage import recover_replaced
-
     local = Path(path).expanduser()
     recover_replaced(local)  # a folder whose replacement (best/, last/) was cut short by a kill
     if local.exists():
@@ -145,10 +137,6 @@ def _check_exists(path: str, role: str, verify: bool = False) -> None:
 def verify_model_folder(folder, role: str = "model") -> None:
     """Check a model folder distillm wrote (``best/``, ``last/``, a checkpoint) against its manifest before
     it is trusted; folders from elsewhere (no manifest, no distillm.json) are loaded as they are."""
-    from pathlib import Path
-
-    from distillm.storage import MANIFEST, require_intact
-
     folder = Path(folder)
     if not folder.is_dir():
         return
@@ -162,10 +150,6 @@ def verify_model_folder(folder, role: str = "model") -> None:
 
 def load_tokenizer(path: str, trust_remote_code: bool = False, role: str = "tokenizer"):
     """The tokenizer at ``path`` (of the ``role`` model); the pad token falls back to EOS (as GPT-2's)."""
-    from transformers import AutoTokenizer
-
-    from distillm.errors import UserError
-
     _check_exists(path, role)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -179,21 +163,15 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, role: str = "toke
 
 
 def _is_adapter(path: str) -> bool:
-    from pathlib import Path
-
     return (Path(path) / "adapter_config.json").is_file()
 
 
 def load_causal_lm(path: str, dtype: str = "fp32", trust_remote_code: bool = False, role: str = "model"):
     """A causal LM from a folder or hub name; a peft adapter folder is loaded onto its base and merged."""
-    from transformers import AutoModelForCausalLM
-
-    from distillm.errors import UserError
-
     _check_exists(path, role, verify=True)
     try:
         if _is_adapter(path):
-            from peft import AutoPeftModelForCausalLM
+            from peft import AutoPeftModelForCausalLM  # peft is optional (the lora extra)
 
             model = AutoPeftModelForCausalLM.from_pretrained(
                 path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code
@@ -213,13 +191,10 @@ def load_causal_lm(path: str, dtype: str = "fp32", trust_remote_code: bool = Fal
 def warn_slow_bf16_conv1d(model, dtype: str, role: str) -> bool:
     """Warn when a bf16 model built on transformers' ``Conv1D`` (GPT-2's family) will run on a CPU.
 
-    Measured on this project's CPU with torch 2.13: a bf16 GPT-2 forward took 8.9 s where fp32 took 0.11 s,
-    98.7% of it in ``addmm`` with Conv1D's [in, out] weights; bf16 ``nn.Linear`` models (Llama, Qwen, OPT)
-    are faster in bf16 than in fp32 there. Returns whether it warned.
+    On a CPU without native bf16 kernels, bf16 ``addmm`` with Conv1D's [in, out] weights takes a path far
+    slower than fp32, where bf16 ``nn.Linear`` models (Llama, Qwen, OPT) ran faster in bf16 than in fp32
+    (benchmarks/README.md, "Figures without a benchmark"). Returns whether it warned.
     """
-    import torch
-    from transformers.pytorch_utils import Conv1D
-
     if dtype != "bf16" or torch.cuda.is_available():
         return False
     if not any(isinstance(module, Conv1D) for module in model.modules()):
@@ -230,89 +205,6 @@ def warn_slow_bf16_conv1d(model, dtype: str, role: str) -> bool:
         role,
     )
     return True
-
-
-# The tanh-GELU's argument z = sqrt(2/pi) (x + 0.044715 x^3), doubled: 2z = x (LINEAR + CUBIC x^2).
-_TWO_Z_LINEAR = 2 * math.sqrt(2 / math.pi)
-_TWO_Z_CUBIC = _TWO_Z_LINEAR * 0.044715
-
-
-def tanh_gelu_as_sigmoid(x: Tensor) -> Tensor:
-    """The tanh-approximated GELU 0.5 x (1 + tanh(z)), computed as x * sigmoid(2z).
-
-    z = sqrt(2/pi) (x + 0.044715 x^3); the two are equal because 0.5 (1 + tanh(z)) = sigmoid(2z). No
-    autograd of its own (it works in place on a temporary): ``SigmoidTanhGELU`` adds the backward.
-    """
-    # Four kernels (each a pass over x, and a thread sync): LINEAR + CUBIC x^2 in one addcmul, then in place.
-    two_z = torch.addcmul(x.new_full((), _TWO_Z_LINEAR), x, x, value=_TWO_Z_CUBIC).mul_(x)
-    return two_z.sigmoid_().mul_(x)
-
-
-class _SigmoidTanhGELUFunction(torch.autograd.Function):
-    """Forward in the sigmoid form; backward is torch's own tanh-GELU backward, which needs only x (saved)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        ctx.save_for_backward(x)
-        return tanh_gelu_as_sigmoid(x)
-
-    @staticmethod
-    def backward(ctx, grad_output: Tensor) -> Tensor:
-        (x,) = ctx.saved_tensors
-        # A backward written in the sigmoid form took 7.3 ms where aten's takes ~3.9 ms ([2080, 1024] fp32).
-        # Under create_graph autograd records this call too, so double backward is aten's, and correct.
-        return torch.ops.aten.gelu_backward(grad_output, x, approximate="tanh")
-
-
-class SigmoidTanhGELU(nn.Module):
-    """The tanh-approximated GELU (GPT-2's ``gelu_new``), a drop-in for ``F.gelu(x, approximate="tanh")``.
-
-    On a CPU, for float32/float64 inputs (of any size), the forward runs in the sigmoid form
-    (``tanh_gelu_as_sigmoid``): ``torch.tanh`` is slow in torch's CPU build, ``sigmoid`` is not, and the
-    forward is ~2x faster at [2080, 1024] fp32 on an idle machine (benchmarks/gelu.py). Its absolute error
-    against a float64 reference is float32 rounding (5.2e-7 on [-20, 20]; torch's kernel 4.3e-7), and in
-    the negative tail it is the more accurate (x = -5: relative error 4e-7, torch's fp32 kernel 30%, as
-    its 1 + tanh(z) cancels). Everything else (CUDA, bf16/fp16) calls
-    ``F.gelu(x, approximate="tanh")``: bf16 would round each step of the form, where torch's kernel computes
-    in fp32. The backward (and double backward) is torch's ``gelu_backward``; with no grad needed
-    (``no_grad``, or an input that needs none) nothing is saved. Edge values as ``F.gelu``: +inf -> +inf,
-    -inf -> NaN, -0.0 -> -0.0, large negative x -> -0.0.
-    """
-
-    def forward(self, x: Tensor) -> Tensor:
-        # No size threshold, though F.gelu is faster below ~4,096 elements (by up to ~10 us a call): the path
-        # must not depend on the batch shape (2 processes x batch 2 should compute what 1 x batch 4 does).
-        if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
-            return nn.functional.gelu(x, approximate="tanh")
-        if torch.is_grad_enabled() and x.requires_grad:
-            return _SigmoidTanhGELUFunction.apply(x)
-        return tanh_gelu_as_sigmoid(x)
-
-
-def fuse_tanh_gelu(model) -> int:
-    """Swap every tanh-GELU activation module for ``SigmoidTanhGELU``; returns how many.
-
-    Covers transformers' ``NewGELUActivation`` (``gelu_new``, GPT-2), ``FastGELUActivation`` (``gelu_fast``)
-    and ``GELUTanh`` (alias ``PytorchGELUTanh``: ``gelu_pytorch_tanh`` and ``gelu_python_tanh``). All compute
-    0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))): ``gelu_new`` as a chain of five or six elementwise ops
-    (as many passes over the [B, T, 4H] activations and saved tensors), ``GELUTanh`` as torch's fused kernel,
-    whose tanh is slow on CPU. ``SigmoidTanhGELU`` computes the same function in the sigmoid form. Measured
-    by benchmarks/gelu.py (fp32, 2 threads, idle machine) against ``F.gelu``: [2080, 1024] forward 1.9 ms
-    against 3.9-4.0 ms, forward + backward 6.5 ms against 8.0-8.3 ms; GPT-2's MLP [8, 256, 3072] forward
-    1.1-1.4x and forward + backward 1.2x faster; slower than ``F.gelu`` when another job competes for the
-    cores (benchmarks/README.md). Outputs and gradients agree with transformers' modules to float rounding
-    (``tests/test_model_families.py``). Only the modules change; ``config.activation_function`` is left as it
-    is, so a saved model is unchanged.
-    """
-    from transformers.activations import FastGELUActivation, GELUTanh, NewGELUActivation
-
-    swapped = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) in (NewGELUActivation, FastGELUActivation, GELUTanh):
-                setattr(parent, name, SigmoidTanhGELU())
-                swapped += 1
-    return swapped
 
 
 def is_adapter(path: str) -> bool:
@@ -326,9 +218,7 @@ def load_lora_student(path: str, trust_remote_code: bool = False):
     This continues training an initialised LoRA student (the paper's init -> distill flow) instead of merging
     the adapter away; the folder's own adapter settings (rank, alpha, targets) apply, not ``model.lora.*``.
     """
-    from peft import AutoPeftModelForCausalLM
-
-    from distillm.errors import UserError
+    from peft import AutoPeftModelForCausalLM  # peft is optional (the lora extra)
 
     _check_exists(path, "student", verify=True)
     try:
@@ -344,8 +234,6 @@ def load_lora_student(path: str, trust_remote_code: bool = False):
 
 def merge_lora(model):
     """A plain Hugging Face model: a copy of the peft ``model`` with its adapters merged into the weights."""
-    import copy
-
     return copy.deepcopy(model).merge_and_unload()
 
 
@@ -362,19 +250,17 @@ def enable_gradient_checkpointing(model) -> None:
 
 def merge_adapter(model, adapter_path: str):
     """``model`` with the peft LoRA adapter at ``adapter_path`` merged into its weights."""
-    from peft import PeftModel
+    from peft import PeftModel  # peft is optional (the lora extra)
 
     return PeftModel.from_pretrained(model, adapter_path).merge_and_unload()
 
 
 def apply_lora(model, lora_config):
     """Wrap ``model`` with trainable LoRA adapters (distillm.config.LoraConfig)."""
-    try:
+    try:  # peft is optional (the lora extra)
         from peft import LoraConfig as PeftLoraConfig
         from peft import get_peft_model
     except ImportError as error:
-        from distillm.errors import UserError
-
         raise UserError("model.lora.enabled=true needs peft: pip install 'distillm[lora]'") from error
     peft_config = PeftLoraConfig(
         r=lora_config.r,
@@ -388,8 +274,6 @@ def apply_lora(model, lora_config):
 
 def check_same_tokenizer(student_tokenizer, teacher_tokenizer, student_name: str, teacher_name: str) -> None:
     """Refuse a teacher/student pair whose tokenizers differ: their distributions are over different tokens."""
-    from distillm.errors import UserError
-
     student_vocab = student_tokenizer.get_vocab()
     teacher_vocab = teacher_tokenizer.get_vocab()
     if student_vocab != teacher_vocab:
@@ -414,8 +298,6 @@ def shared_vocab_size(student, teacher, tokenizer) -> int:
     Logits beyond ``len(tokenizer)`` belong to padding rows no text ever uses, so both distributions are
     compared over the first ``min(V_student, V_teacher)`` rows.
     """
-    from distillm.errors import UserError
-
     student_size = student.get_output_embeddings().weight.shape[0]
     teacher_size = teacher.get_output_embeddings().weight.shape[0]
     size = min(student_size, teacher_size)

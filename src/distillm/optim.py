@@ -39,8 +39,8 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
     """AdamW over ``parameter_groups``; PyTorch's fused kernel where every parameter allows it.
 
     The fused kernel updates all tensors in one pass (the default on CPU is a Python loop of a dozen ops per
-    tensor): ~3.5x faster on the tiny GPT-2 student on CPU, and the same update up to float rounding. It is
-    what the Hugging Face Trainer uses by default too.
+    tensor): faster on CPU (benchmarks/README.md, "Figures without a benchmark"), and the same update up to
+    float rounding. It is what the Hugging Face Trainer uses by default too.
     """
     groups = parameter_groups(model, config.weight_decay)
     params = [p for group in groups for p in group["params"]]
