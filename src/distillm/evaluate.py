@@ -548,6 +548,7 @@ def evaluate_models(
     ``models``: model folders; ``data``: test set names or files (``load_eval_set``); the other arguments
     are the command's options of the same names (their defaults too).
     """
+    generation.validate("generation")
     seeds = list(seeds)
     if len(set(seeds)) != len(seeds):
         raise UserError(f"--seeds {seeds} repeats a seed; give distinct seeds")
