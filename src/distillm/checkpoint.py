@@ -314,11 +314,24 @@ def choose_checkpoint(distributed: Distributed, run_dir: str | Path) -> Path | N
 
 @dataclass
 class Resumed:
-    """A checkpoint being resumed: its folder, its ``trainer_state.pt`` and this process's share of it."""
+    """A checkpoint being resumed: its folder, its ``trainer_state.pt``, and where this process stands."""
 
     checkpoint: Path
     trainer_state: dict[str, Any]
-    process: dict[str, Any]  # what every process saved of its own (``save_checkpoint``'s "processes")
+    rank: int
+    world_size: int
+
+    @property
+    def process(self) -> dict[str, Any]:
+        """What this process saved of its own (the trainer state's ``"processes"``, one entry per process);
+        a checkpoint written by another number of processes is refused."""
+        processes = self.trainer_state["processes"]
+        if len(processes) != self.world_size:
+            raise UserError(
+                f"{self.checkpoint} was written by {len(processes)} processes; resume it with the same number "
+                f"(this run has {self.world_size}), or start a new train.output_dir"
+            )
+        return processes[self.rank]
 
     def restore_rng(self) -> None:
         """This process's python, numpy and torch RNG as they were at the checkpoint (call it last)."""
@@ -326,22 +339,11 @@ class Resumed:
 
 
 def find_resume(distributed: Distributed, run_dir: str | Path) -> Resumed | None:
-    """The checkpoint to resume ``run_dir`` from (``choose_checkpoint``), loaded, or None to start afresh.
-
-    Its trainer state must hold one entry per process under ``"processes"`` (written by the same number of
-    processes as this run has).
-    """
+    """The checkpoint to resume ``run_dir`` from (``choose_checkpoint``), loaded, or None to start afresh."""
     checkpoint = choose_checkpoint(distributed, run_dir)
     if checkpoint is None:
         return None
-    saved = load_trainer_state(checkpoint)
-    processes = saved["processes"]
-    if len(processes) != distributed.world_size:
-        raise UserError(
-            f"{checkpoint} was written by {len(processes)} processes; resume it with the same number "
-            f"(this run has {distributed.world_size}), or start a new train.output_dir"
-        )
-    return Resumed(checkpoint, saved, processes[distributed.rank])
+    return Resumed(checkpoint, load_trainer_state(checkpoint), distributed.rank, distributed.world_size)
 
 
 def stopped_writing(what: str, error: Exception, step: int, run_dir: str | Path) -> StorageError:
