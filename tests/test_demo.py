@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from conftest import report_rouge_rows
 from distillm import demo
 from distillm.cli import main
+from distillm.errors import UserError
 
 pytestmark = pytest.mark.slow
 
@@ -139,18 +140,15 @@ def test_stages_redo_what_was_built_from_a_redone_stage(tmp_path):
     assert ran == ["a", "b", "c", "a", "b"]
 
 
-def test_a_record_without_finish_times_is_read_in_the_order_its_stages_ran(tmp_path):
+def test_a_record_without_finish_times_is_refused_with_what_to_do(tmp_path):
+    """demo.json from before finish times were kept cannot say which stages are stale: --force redoes it."""
     record = {"plan": None, "quick": True, "seconds": {"a": 1.0, "b": 2.0}, "machine": "m"}
     stages = demo.Stages(tmp_path, demo.QUICK_PLAN, quick=True, force=False)
     record["plan"] = stages.record["plan"]
     (tmp_path / "demo.json").write_text(json.dumps(record))
-    (tmp_path / "a").write_text("")
-    (tmp_path / "b").write_text("")
-    stages = demo.Stages(tmp_path, demo.QUICK_PLAN, quick=True, force=False)
-    ran = []
-    stages.run("a", lambda: True, lambda: ran.append("a"))
-    stages.run("b", lambda: True, lambda: ran.append("b"), after=["a"])
-    assert ran == []
+    with pytest.raises(UserError, match=r"demo\.json was written by an older distillm.*--force"):
+        demo.Stages(tmp_path, demo.QUICK_PLAN, quick=True, force=False)
+    assert demo.Stages(tmp_path, demo.QUICK_PLAN, quick=True, force=True).record["finished"] == {}
 
 
 def test_a_stage_stopped_by_sigterm_exits_75_and_resumes_on_rerun_to_the_same_weights(
@@ -159,11 +157,11 @@ def test_a_stage_stopped_by_sigterm_exits_75_and_resumes_on_rerun_to_the_same_we
     """SIGTERM arrives right after the kd stage's step-2 checkpoint: the demo stops there with exit code 75
     and the command that resumes; the rerun resumes kd from step 2 and ends with the same weights as the
     uninterrupted kd run of the fixture."""
-    import distillm.train as train_module
+    import distillm.distributed as distributed_module
 
     before = load_file(str(quick_demo / "kd" / "last" / "model.safetensors"))
     shutil.rmtree(quick_demo / "kd")  # kd is redone from its start
-    save = train_module.save_checkpoint
+    save = distributed_module.save_checkpoint
 
     def save_then_sigterm(run_dir, step, *args, **kwargs):
         path = save(run_dir, step, *args, **kwargs)
@@ -171,7 +169,7 @@ def test_a_stage_stopped_by_sigterm_exits_75_and_resumes_on_rerun_to_the_same_we
             os.kill(os.getpid(), signal.SIGTERM)  # delivered to this process's handler, as from a scheduler
         return path
 
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_sigterm)
+    monkeypatch.setattr(distributed_module, "save_checkpoint", save_then_sigterm)
     argv = ["demo", "--quick", "--out", str(quick_demo)]
     with caplog.at_level("INFO"):
         assert main(argv) == 75
