@@ -301,7 +301,7 @@ def build_models(out: Path, plan: DemoPlan) -> None:
             positions=256,
             eos_token_id=tokenizer.eos_token_id,
             # The same tanh-approximated GELU as GPT-2's gelu_new, as one fused kernel instead of a chain of
-            # Python-level operations (distillm's loader swaps in the faster models.SigmoidTanhGELU on CPU);
+            # Python-level operations (distillm's loader swaps in the faster kernels.gelu.SigmoidTanhGELU on CPU);
             # and no dropout, which only slows learning in runs this short.
             activation_function="gelu_pytorch_tanh",
             resid_pdrop=0.0,
