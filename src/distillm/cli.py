@@ -79,7 +79,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-_register("train", "distillm.train", "Train a teacher or a student (SFT, KD, SeqKD, ImitKD, GKD, DistiLLM).")
+_register(
+    "train",
+    "distillm.loops",
+    "Train a teacher or a student (SFT, KD, SeqKD, ImitKD, GKD, DistiLLM, MiniLLM).",
+)
 _register("prepare", "distillm.data.prepare", "Tokenize a dataset, or write the bundled task suite.")
 _register(
     "prepare-pretrain",
