@@ -379,7 +379,7 @@ def test_a_store_smaller_than_one_step_is_refused_naming_the_fields(task_data, q
     from distillm.minillm import geometry
 
     config = minillm_config(
-        task_data, quiet_pair["student"], quiet_pair["teacher"], tmp_path, **{"minillm.num_rollouts": 6}
+        task_data, quiet_pair["student"], quiet_pair["teacher"], tmp_path, **{"minillm.num_rollouts": 3}
     )
-    with pytest.raises(UserError, match="minillm.num_rollouts=6"):
+    with pytest.raises(UserError, match="minillm.num_rollouts=3"):
         geometry(config, world_size=1)
