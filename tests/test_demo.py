@@ -159,11 +159,11 @@ def test_a_stage_stopped_by_sigterm_exits_75_and_resumes_on_rerun_to_the_same_we
     """SIGTERM arrives right after the kd stage's step-2 checkpoint: the demo stops there with exit code 75
     and the command that resumes; the rerun resumes kd from step 2 and ends with the same weights as the
     uninterrupted kd run of the fixture."""
-    import distillm.train as train_module
+    import distillm.distributed as distributed_module
 
     before = load_file(str(quick_demo / "kd" / "last" / "model.safetensors"))
     shutil.rmtree(quick_demo / "kd")  # kd is redone from its start
-    save = train_module.save_checkpoint
+    save = distributed_module.save_checkpoint
 
     def save_then_sigterm(run_dir, step, *args, **kwargs):
         path = save(run_dir, step, *args, **kwargs)
@@ -171,7 +171,7 @@ def test_a_stage_stopped_by_sigterm_exits_75_and_resumes_on_rerun_to_the_same_we
             os.kill(os.getpid(), signal.SIGTERM)  # delivered to this process's handler, as from a scheduler
         return path
 
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_sigterm)
+    monkeypatch.setattr(distributed_module, "save_checkpoint", save_then_sigterm)
     argv = ["demo", "--quick", "--out", str(quick_demo)]
     with caplog.at_level("INFO"):
         assert main(argv) == 75

@@ -289,8 +289,8 @@ def test_a_deepspeed_checkpoint_is_not_resumed_without_deepspeed(task_data, quie
 def test_an_fsdp_launch_without_a_gpu_is_refused(monkeypatch):
     """accelerate shards with FSDP only over accelerator devices; on CPU it would silently run DDP."""
     from distillm.config import load_config
+    from distillm.distributed import build_accelerator
     from distillm.errors import UserError
-    from distillm.train import build_accelerator
 
     if torch.cuda.is_available():
         pytest.skip("FSDP runs where there is a GPU")
@@ -307,7 +307,7 @@ import torch, torch.distributed as dist
 from distillm.config import ObjectiveConfig
 from distillm.models import build_small_model
 from distillm.objective import StudentObjective
-from distillm.train import WholeStudent
+from distillm.distributed import WholeStudent
 
 dist.init_process_group("gloo")
 student = build_small_model("llama", 64, layers=2, hidden=32, heads=4, num_key_value_heads=2)

@@ -159,7 +159,7 @@ def test_missing_matplotlib_is_a_clear_error(monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     with pytest.raises(UserError, match=r"pip install 'distillm\[report\]'"):
-        report._pyplot()
+        report.pyplot()
 
 
 def test_group_scores_average_rouge_over_seeds_and_each_groups_rows():

@@ -397,7 +397,7 @@ def test_dev_loss_is_the_token_mean_cross_entropy_over_the_whole_dev_set(tiny_st
     from transformers import AutoModelForCausalLM
 
     from distillm.data import collate
-    from distillm.train import dev_loss
+    from distillm.evaluate import dev_loss
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_student_dir)).eval()
     encode = lambda text: tiny_tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
@@ -420,7 +420,7 @@ def test_dev_loss_is_the_token_mean_cross_entropy_over_the_whole_dev_set(tiny_st
 
 
 def test_size_groups_cut_in_order_once_a_group_reaches_the_limit():
-    from distillm.train import size_groups
+    from distillm.distributed import size_groups
 
     assert size_groups([3, 3, 3, 10, 1], size=lambda x: x, limit=6) == [[3, 3], [3, 10], [1]]
     assert size_groups([7, 1], size=lambda x: x, limit=6) == [[7], [1]]  # one item may exceed it alone

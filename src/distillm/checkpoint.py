@@ -26,14 +26,17 @@ import os
 import random
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 from distillm.errors import UserError
 from distillm.storage import (
+    StorageError,
     atomic_folder,
     check_free_space,
     publish_folder,
@@ -41,6 +44,9 @@ from distillm.storage import (
     storage_errors,
     verify_folder,
 )
+
+if TYPE_CHECKING:
+    from distillm.distributed import Distributed
 
 logger = logging.getLogger(__name__)
 
@@ -256,8 +262,6 @@ def load_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
 
 
 def _read_safetensors(folder: Path, prefix: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     files = sorted(folder.glob(f"{prefix}*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no {prefix}*.safetensors in {folder}")
@@ -271,7 +275,7 @@ def load_model_weights(model, checkpoint: str | Path) -> None:
     """Load a checkpoint's weights into an already built ``model`` (plain HF model or peft-wrapped)."""
     checkpoint = Path(checkpoint)
     if (checkpoint / "adapter_config.json").is_file():
-        from peft import set_peft_model_state_dict
+        from peft import set_peft_model_state_dict  # here: peft is the optional `lora` extra
 
         set_peft_model_state_dict(model, _read_safetensors(checkpoint, "adapter_model"))
         return
@@ -286,3 +290,72 @@ def load_model_weights(model, checkpoint: str | Path) -> None:
     untied = [name for name in missing if name not in params or params[name].data_ptr() not in loaded]
     if untied:
         raise RuntimeError(f"checkpoint {checkpoint} lacks weights of the model: {untied[:5]}")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Resuming: which checkpoint, and this process's share of what it saved.
+
+
+def choose_checkpoint(distributed: Distributed, run_dir: str | Path) -> Path | None:
+    """The newest intact checkpoint of ``run_dir`` (verified on the main process, which moves damaged ones
+    aside), or None; the same on every process. Call it on every process."""
+    choice: list[Any] = [None, None]  # [path, error message]
+    if distributed.is_main:
+        try:
+            found = resumable_checkpoint(run_dir)
+            choice[0] = str(found) if found is not None else None
+        except UserError as error:
+            choice[1] = str(error)
+    choice = distributed.broadcast(choice)
+    if choice[1] is not None:
+        raise NoGoodCheckpointError(choice[1])
+    return Path(choice[0]) if choice[0] is not None else None
+
+
+@dataclass
+class Resumed:
+    """A checkpoint being resumed: its folder, its ``trainer_state.pt``, and where this process stands."""
+
+    checkpoint: Path
+    trainer_state: dict[str, Any]
+    rank: int
+    world_size: int
+
+    @property
+    def process(self) -> dict[str, Any]:
+        """What this process saved of its own (the trainer state's ``"processes"``, one entry per process);
+        a checkpoint written by another number of processes is refused."""
+        processes = self.trainer_state["processes"]
+        if len(processes) != self.world_size:
+            raise UserError(
+                f"{self.checkpoint} was written by {len(processes)} processes; resume it with the same number "
+                f"(this run has {self.world_size}), or start a new train.output_dir"
+            )
+        return processes[self.rank]
+
+    def restore_rng(self) -> None:
+        """This process's python, numpy and torch RNG as they were at the checkpoint (call it last)."""
+        restore_rng_state(self.process["rng"])
+
+
+def find_resume(distributed: Distributed, run_dir: str | Path) -> Resumed | None:
+    """The checkpoint to resume ``run_dir`` from (``choose_checkpoint``), loaded, or None to start afresh."""
+    checkpoint = choose_checkpoint(distributed, run_dir)
+    if checkpoint is None:
+        return None
+    return Resumed(checkpoint, load_trainer_state(checkpoint), distributed.rank, distributed.world_size)
+
+
+def stopped_writing(what: str, error: Exception, step: int, run_dir: str | Path) -> StorageError:
+    """A ``StorageError`` saying what could not be written, where training stopped and what a rerun redoes."""
+    previous = [p for p in list_checkpoints(run_dir) if checkpoint_step(p) <= step]
+    if previous and checkpoint_step(previous[-1]) == step:
+        kept = f"the checkpoint {previous[-1]} of this step is intact (nothing will be redone)"
+    elif previous:
+        kept = (
+            f"the previous checkpoint {previous[-1]} is untouched (steps {checkpoint_step(previous[-1]) + 1}-"
+            f"{step} will be redone)"
+        )
+    else:
+        kept = f"there is no earlier checkpoint (the rerun starts over, {step} steps)"
+    return StorageError(f"could not write {what}: {error}; training stopped at step {step}, {kept}")

@@ -30,12 +30,26 @@ import platform
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+import yaml
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from distillm import report
+from distillm.checkpoint import list_checkpoints
+from distillm.config import GenerationConfig, load_config, to_dict
+from distillm.data import read_examples, render_prompt, write_task_suite
+from distillm.data.template import template_segments
 from distillm.errors import UserError
+from distillm.evaluate import PAPER_GENERATION, evaluate_models, generate_predictions
+from distillm.models import build_small_model, load_causal_lm, load_tokenizer
+from distillm.seqkd import teacher_rows, write_jsonl_atomic
 from distillm.storage import atomic_folder, atomic_write_text, remove_folder, verify_folder
+from distillm.tokenizer import train_bpe_tokenizer
+from distillm.train import train
 
 logger = logging.getLogger(__name__)
 
@@ -178,7 +192,13 @@ class Stages:
                 f"{out} holds a demo with a different plan ({'full' if record.get('quick') is False else 'quick'}); "
                 "use --force to redo it, or another --out"
             )
-        self.record = record or {"plan": wanted, "quick": quick, "seconds": {}, "machine": _machine()}
+        self.record = record or {
+            "plan": wanted,
+            "quick": quick,
+            "seconds": {},
+            "finished": {},
+            "machine": _machine(),
+        }
         out.mkdir(parents=True, exist_ok=True)
         self._save()
 
@@ -193,9 +213,6 @@ class Stages:
         Finish times are kept in ``demo.json``, so redoing a stage (say, the teacher) also redoes everything
         that was built from it.
         """
-        if "finished" not in self.record:
-            # A record from before finish times were kept: stages ran in the order of their seconds.
-            self.record["finished"] = {stage: float(i) for i, stage in enumerate(self.record["seconds"])}
         finished = self.record["finished"]
         fresh = name in finished and all(finished.get(dep, float("inf")) <= finished[name] for dep in after)
         if done() and fresh:
@@ -216,16 +233,12 @@ class Stages:
 
 def _machine() -> str:
     cores = os.cpu_count() or 0
-    try:
-        import torch
-
-        threads = torch.get_num_threads()
-    except ImportError:  # pragma: no cover - torch is a dependency
-        threads = cores
+    threads = torch.get_num_threads()
     return f"{platform.processor() or platform.machine()}, {cores} CPU cores, {threads} torch threads"
 
 
-def _intact(folder: Path) -> bool:
+def intact(folder: Path) -> bool:
+    """Whether ``folder``'s files match its manifest; warns with what is wrong when they do not."""
     problems = verify_folder(folder)
     if problems and folder.exists():
         logger.warning("%s is damaged, redoing it: %s", folder, "; ".join(problems))
@@ -238,10 +251,6 @@ def _intact(folder: Path) -> bool:
 
 def write_data(out: Path, plan: DemoPlan) -> None:
     """The task suite's splits in ``out/data`` and a tokenizer trained on the rendered training rows."""
-    from distillm.data import read_examples, render_prompt, write_task_suite
-    from distillm.data.template import template_segments
-    from distillm.tokenizer import train_bpe_tokenizer
-
     with atomic_folder(out / "data") as data, atomic_folder(out / "tokenizer") as tokenizer_dir:
         paths = write_task_suite(
             data, seed=plan.suite_seed, n_train=plan.n_train, n_dev=plan.n_dev, n_test=plan.n_test
@@ -264,8 +273,8 @@ def data_done(out: Path) -> bool:
     return (
         all((out / "data" / f"{s}.jsonl").is_file() for s in ("train", "dev", "test"))
         and (out / "tokenizer" / "tokenizer.json").is_file()
-        and _intact(out / "tokenizer")
-        and _intact(out / "data")
+        and intact(out / "tokenizer")
+        and intact(out / "data")
     )
 
 
@@ -275,10 +284,6 @@ def data_done(out: Path) -> bool:
 
 def build_models(out: Path, plan: DemoPlan) -> None:
     """Randomly initialised GPT-2-shaped teacher and student, saved with the tokenizer."""
-    from transformers import AutoTokenizer
-
-    from distillm.models import build_small_model
-
     tokenizer = AutoTokenizer.from_pretrained(str(out / "tokenizer"))
     for name, shape, seed in (("teacher-base", plan.teacher, 1), ("student-base", plan.student, 2)):
         model = build_small_model(
@@ -309,7 +314,7 @@ def build_models(out: Path, plan: DemoPlan) -> None:
 
 def models_done(out: Path) -> bool:
     return all(
-        (out / "models" / name / "config.json").is_file() and _intact(out / "models" / name)
+        (out / "models" / name / "config.json").is_file() and intact(out / "models" / name)
         for name in ("teacher-base", "student-base")
     )
 
@@ -317,8 +322,8 @@ def models_done(out: Path) -> bool:
 def run_done(run_dir: Path) -> bool:
     return (
         (run_dir / "summary.json").is_file()
-        and _intact(run_dir / "last")
-        and (not (run_dir / "best").exists() or _intact(run_dir / "best"))
+        and intact(run_dir / "last")
+        and (not (run_dir / "best").exists() or intact(run_dir / "best"))
     )
 
 
@@ -343,12 +348,6 @@ def common_overrides(
 def train_preset(preset: str, overrides: Sequence[str]) -> None:
     """Train ``preset``; a run folder left by a stopped or killed run of this very configuration is resumed,
     anything else there (another plan, another preset version) is removed first."""
-    import yaml
-
-    from distillm.checkpoint import list_checkpoints
-    from distillm.config import load_config, to_dict
-    from distillm.train import train
-
     config = load_config(presets_dir() / f"{preset}.yaml", list(overrides))
     out = Path(config.train.output_dir)
     saved = out / "config.yaml"
@@ -392,14 +391,6 @@ def generate_teacher_answers(
     out: Path, plan: DemoPlan, template: str = "alpaca", batch_size: int = 128
 ) -> None:
     """``data/teacher.jsonl``: the teacher's sampled answers to the first ``seqkd_rows`` training prompts."""
-    import torch
-
-    from distillm.config import GenerationConfig
-    from distillm.data import read_examples
-    from distillm.evaluate import generate_predictions
-    from distillm.models import load_causal_lm, load_tokenizer
-    from distillm.seqkd import teacher_rows, write_jsonl_atomic
-
     examples, _ = read_examples(str(out / "data" / "train.jsonl"), "dolly")
     examples = examples[: plan.seqkd_rows]
     teacher_dir = str(out / "teacher" / "best")
@@ -452,43 +443,36 @@ def train_method(out: Path, plan: DemoPlan, method: Method, extra: Sequence[str]
 
 
 def evaluate_model_dir(
-    out: Path, plan: DemoPlan, model_dir: Path, eval_dir: Path, extra: Sequence[str] = ()
+    out: Path,
+    plan: DemoPlan,
+    model_dir: Path,
+    eval_dir: Path,
+    template: str = "alpaca",
+    batch_size: int = 128,
 ) -> None:
-    """``distillm evaluate`` of one model on the test split; ``extra`` arguments come last and win."""
-    from distillm import evaluate
+    """``distillm evaluate`` of one model on the test split, written whole into ``eval_dir`` (or not at all).
 
-    parser = argparse.ArgumentParser()
-    evaluate.add_arguments(parser)
-    args = parser.parse_args(
-        [
-            "--model",
-            str(model_dir),
-            "--data",
-            str(out / "data" / "test.jsonl"),
-            "--out",
-            "OUT",
-            "--seeds",
-            *map(str, plan.eval_seeds),
-            "--max-new-tokens",
-            str(plan.max_new_tokens),
-            "--no-repeat-ngram-size",
-            "0",  # the suite's answers (spelling, lists) legitimately repeat n-grams
-            "--batch-size",
-            "128",  # tiny models: a decoding step costs about the same for 64 or 128 rows
-            "--max-prompt-length",
-            "128",
-            "--device",
-            "cpu",
-            *extra,
-        ]
+    ``batch_size`` 128: for tiny models a decoding step costs about the same for 64 or 128 rows.
+    """
+    # The paper's sampling, except that the suite's answers (spelling, lists) legitimately repeat n-grams.
+    generation = replace(
+        PAPER_GENERATION, max_new_tokens=plan.max_new_tokens, no_repeat_ngram_size=0, batch_size=batch_size
     )
     with atomic_folder(eval_dir) as staging:  # the model's evaluation appears whole, or not at all
-        args.out = str(staging)
-        evaluate.run(args)
+        evaluate_models(
+            [str(model_dir)],
+            [str(out / "data" / "test.jsonl")],
+            staging,
+            generation,
+            seeds=plan.eval_seeds,
+            template=template,
+            max_prompt_length=128,
+            device="cpu",
+        )
 
 
 def eval_done(eval_dir: Path) -> bool:
-    return (eval_dir / "summary.json").is_file() and _intact(eval_dir)
+    return (eval_dir / "summary.json").is_file() and intact(eval_dir)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -534,8 +518,6 @@ def write_demo_report(
 ) -> DemoResult:
     """The report of a finished demo; ``title`` and ``setup`` (the sentences on sizes and budgets) default to
     the tiny GPT-2 pair's."""
-    from distillm import report
-
     plan = stages.plan
     models = evaluated_models(out)
     evaluation = merge_evaluations(models)
@@ -589,7 +571,7 @@ def write_demo_report(
 def _tiny_setup(out: Path, stages: Stages) -> list[str]:
     plan = stages.plan
     teacher_params, student_params = (
-        _parameters(out / "models" / n) for n in ("teacher-base", "student-base")
+        parameter_count(out / "models" / n) for n in ("teacher-base", "student-base")
     )
     return [
         f"Machine: {stages.record['machine']}.",
@@ -625,9 +607,8 @@ def _wall_time(stages: Stages) -> list[str]:
     return setup
 
 
-def _parameters(model_dir: Path) -> int:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
+def parameter_count(model_dir: Path) -> int:
+    """Parameters of the model whose config is in ``model_dir`` (built from the config, not loaded)."""
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(model_dir)))
     return sum(p.numel() for p in model.parameters())
 
@@ -652,9 +633,7 @@ def run_demo(
     out: str | Path, quick: bool = False, force: bool = False, plan: DemoPlan | None = None
 ) -> DemoResult:
     """Run (or reuse) every stage and write the report; ``plan`` overrides the full/quick plan."""
-    from distillm.report import _pyplot
-
-    _pyplot()  # fail before hours of work if the report cannot be drawn
+    report.pyplot()  # fail before hours of work if the report cannot be drawn
     out = Path(out)
     plan = plan or (QUICK_PLAN if quick else FULL_PLAN)
     stages = Stages(out, plan, quick, force)
@@ -714,7 +693,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.real:
-        from distillm.demo_real import run_real_demo
+        from distillm.demo_real import run_real_demo  # here: demo_real imports this module
 
         result = run_real_demo(args.out or "runs/demo-real", quick=args.quick, force=args.force)
     else:

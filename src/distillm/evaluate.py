@@ -21,20 +21,28 @@ import json
 import logging
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
+from distillm import IGNORE_INDEX
 from distillm.config import GenerationConfig
+from distillm.data import Example, encode_prompt, read_examples, render_prompt, write_task_suite
 from distillm.errors import UserError
+from distillm.generation import sample
+from distillm.losses.reduction import token_cross_entropy
 from distillm.metrics import exact_match, rouge_l, summarize
+from distillm.models import load_causal_lm, load_tokenizer
+from distillm.objective import supervised_logits
 from distillm.storage import atomic_write_text
 
 if TYPE_CHECKING:
-    from distillm.data import Example
+    from distillm.config import Config
+    from distillm.distributed import Distributed
 
 logger = logging.getLogger(__name__)
 
@@ -79,8 +87,6 @@ def _left_pad(rows: Sequence[Sequence[int]], pad_token_id: int) -> tuple[Tensor,
 
 def render_prompts(examples: Sequence[Example], template: str, tokenizer) -> list[str]:
     """Each example's prompt text (its ready-made prompt when the file has one, else ``template``)."""
-    from distillm.data import render_prompt
-
     return [render_prompt(example, template, tokenizer) for example in examples]
 
 
@@ -103,11 +109,6 @@ def generate_responses(
     from one ``torch.Generator`` seeded with ``seed``: the same seed, examples and batch size give the same
     responses.
     """
-    from tqdm.auto import tqdm
-
-    from distillm.data import encode_prompt
-    from distillm.generation import sample
-
     eos_id = tokenizer.eos_token_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
     prompts = [
@@ -235,8 +236,6 @@ def load_eval_set(
 
     ``limit`` keeps the first N rows (0: all; UnNI is capped at the paper's 10,000 either way).
     """
-    from distillm.data import read_examples
-
     if spec == BUNDLED_TASKS:
         examples = _bundled_test_split(task_seed)
         name, source, cap = BUNDLED_TASKS, f"bundled task suite, seed {task_seed}, test split", None
@@ -272,8 +271,6 @@ def load_eval_set(
 
 
 def _bundled_test_split(task_seed: int) -> list[Example]:
-    from distillm.data import read_examples, write_task_suite
-
     # The test split is drawn first from its own stream, so it does not depend on the other split sizes.
     with tempfile.TemporaryDirectory() as folder:
         paths = write_task_suite(folder, seed=task_seed, n_train=0, n_dev=0)
@@ -301,8 +298,6 @@ def load_model_and_tokenizer(
 
     An adapter folder's own tokenizer files are used when it has them, else its base model's.
     """
-    from distillm.models import load_causal_lm, load_tokenizer
-
     tokenizer_path = path
     adapter_config = Path(path) / "adapter_config.json"
     if adapter_config.is_file() and not (Path(path) / "tokenizer_config.json").is_file():
@@ -311,6 +306,54 @@ def load_model_and_tokenizer(
     model = load_causal_lm(path, dtype, trust_remote_code, role="model")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval(), tokenizer
+
+
+# --------------------------------------------------------------------------------------------------------
+# Evaluation on the dev split during training (every process takes part).
+
+
+@torch.no_grad()
+def dev_loss(
+    model, dataset, collate, pad_token_id: int, batch_size: int, accelerator, vocab_size: int
+) -> float:
+    """Mean token cross-entropy of ``model`` on the ground-truth responses of ``dataset``; its rows are
+    split over the processes of ``accelerator`` (an accelerate ``Accelerator``) and the sums reduced."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # [sum CE, tokens]
+    rows = list(range(accelerator.process_index, len(dataset), accelerator.num_processes))
+    for start in range(0, len(rows), batch_size):
+        batch = collate([dataset[i] for i in rows[start : start + batch_size]], pad_token_id)
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        labels = batch["labels"][batch["labels"] != IGNORE_INDEX]  # [N]
+        logits = supervised_logits(model, batch, vocab_size)  # [N, V]
+        total[0] += token_cross_entropy(logits, labels).double().sum()
+        total[1] += labels.numel()
+    total = accelerator.reduce(total, reduction="sum")
+    model.train(was_training)
+    return float(total[0] / total[1].clamp_min(1))
+
+
+def dev_rouge(model, tokenizer, examples, config: Config, distributed: Distributed, seed: int) -> float:
+    """Mean ROUGE-L of sampled dev responses (rows sharded over processes, gathered in order)."""
+    limit = config.train.eval_rouge_rows or len(examples)
+    rows = examples[:limit]
+    world_size = distributed.world_size
+    mine = rows[distributed.rank :: world_size]
+    predictions = generate_predictions(
+        model,
+        tokenizer,
+        mine,
+        config.generation,
+        seed=seed,
+        template=config.data.template,
+        max_prompt_length=config.data.max_prompt_length,
+        progress=False,
+    )
+    ordered: list[str] = [None] * len(rows)  # type: ignore[list-item]
+    for rank, part in enumerate(distributed.gather(predictions)):  # rank order
+        ordered[rank::world_size] = part
+    return float(score_predictions(ordered, rows)["rougeL"])
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -464,30 +507,66 @@ def _generation_config(args: argparse.Namespace) -> GenerationConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
+    evaluate_models(
+        args.model,
+        args.data,
+        args.out,
+        _generation_config(args),
+        seeds=args.seeds,
+        data_root=args.data_root,
+        format=args.format,
+        limit=args.limit,
+        template=args.template,
+        max_prompt_length=args.max_prompt_length,
+        task_seed=args.task_seed,
+        dtype=args.dtype,
+        device=args.device,
+        trust_remote_code=args.trust_remote_code,
+    )
+    return 0
 
-    from tqdm.auto import tqdm
 
-    config = _generation_config(args)
-    if len(set(args.seeds)) != len(args.seeds):
-        raise UserError(f"--seeds {args.seeds} repeats a seed; give distinct seeds")
-    if args.device == "cuda" and not torch.cuda.is_available():
+def evaluate_models(
+    models: Sequence[str],
+    data: Sequence[str],
+    out: str | Path,
+    generation: GenerationConfig = PAPER_GENERATION,
+    seeds: Sequence[int] = PAPER_SEEDS,
+    data_root: str | Path = "data",
+    format: str = "auto",
+    limit: int = 0,
+    template: str = "alpaca",
+    max_prompt_length: int = 256,
+    task_seed: int = 0,
+    dtype: str = "fp32",
+    device: str | None = None,
+    trust_remote_code: bool = False,
+) -> dict[str, Any]:
+    """``distillm evaluate``: sample every model's responses to every test set over ``seeds``, score them and
+    write ``out``/predictions/, summary.json (last) and results.md; returns the summary.
+
+    ``models``: model folders; ``data``: test set names or files (``load_eval_set``); the other arguments
+    are the command's options of the same names (their defaults too).
+    """
+    generation.validate("generation")
+    seeds = list(seeds)
+    if len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds {seeds} repeats a seed; give distinct seeds")
+    if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda, but no CUDA device is available; use --device cpu")
-    eval_sets = [
-        load_eval_set(spec, args.data_root, args.format, args.limit, args.task_seed) for spec in args.data
-    ]
+    eval_sets = [load_eval_set(spec, data_root, format, limit, task_seed) for spec in data]
     set_names = [eval_set.name for eval_set in eval_sets]
     if len(set(set_names)) != len(set_names):
         raise UserError(f"two test sets share a name ({', '.join(set_names)}); give files distinct names")
 
-    out = Path(args.out)
+    out = Path(out)
     summary: dict[str, Any] = {
         "settings": {
-            "generation": asdict(config),
-            "seeds": args.seeds,
-            "template": args.template,
-            "max_prompt_length": args.max_prompt_length,
-            "dtype": args.dtype,
+            "generation": asdict(generation),
+            "seeds": seeds,
+            "template": template,
+            "max_prompt_length": max_prompt_length,
+            "dtype": dtype,
             "std": "sample standard deviation over seeds (n - 1 denominator)",
         },
         "datasets": {
@@ -496,10 +575,8 @@ def run(args: argparse.Namespace) -> int:
         },
         "models": {},
     }
-    for model_name, path in tqdm(
-        list(zip(unique_names(args.model), args.model)), desc="models", unit="model"
-    ):
-        model, tokenizer = load_model_and_tokenizer(path, args.dtype, args.device, args.trust_remote_code)
+    for model_name, path in tqdm(list(zip(unique_names(models), models)), desc="models", unit="model"):
+        model, tokenizer = load_model_and_tokenizer(path, dtype, device, trust_remote_code)
         model_summary: dict[str, Any] = {"path": str(path), "datasets": {}}
         summary["models"][model_name] = model_summary
         for eval_set in eval_sets:
@@ -507,14 +584,14 @@ def run(args: argparse.Namespace) -> int:
                 model,
                 tokenizer,
                 eval_set.examples,
-                config,
-                args.seeds,
-                args.template,
-                args.max_prompt_length,
+                generation,
+                seeds,
+                template,
+                max_prompt_length,
                 progress=True,
                 description=f"{model_name} / {eval_set.name}",
             )
-            prompts = render_prompts(eval_set.examples, args.template, tokenizer)
+            prompts = render_prompts(eval_set.examples, template, tokenizer)
             for result in results:
                 rows = prediction_rows(eval_set.examples, prompts, result)
                 _write_jsonl(
@@ -534,7 +611,7 @@ def run(args: argparse.Namespace) -> int:
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")  # last: the run is complete
     table = results_table(summary)
     atomic_write_text(
-        out / "results.md", f"ROUGE-L, mean (std) over seeds {', '.join(map(str, args.seeds))}\n\n" + table
+        out / "results.md", f"ROUGE-L, mean (std) over seeds {', '.join(map(str, seeds))}\n\n" + table
     )
     logger.info("wrote %s and %s\n%s", out / "summary.json", out / "results.md", table)
-    return 0
+    return summary

@@ -15,8 +15,10 @@ optional ``report`` extra (``pip install 'distillm[report]'``).
 from __future__ import annotations
 
 import html
+import io
 import json
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,8 +117,6 @@ _CSS = (
 
 def _inline_html(text: str) -> str:
     """Escape, then render the only inline Markdown the report uses: `code` and **bold**."""
-    import re
-
     escaped = html.escape(text)
     escaped = re.sub(r"`([^`]+)`", r"<code>\1</code>", escaped)
     return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", escaped)
@@ -344,22 +344,23 @@ def findings(
     return sentences
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend; a UserError saying what to install without it."""
     try:
-        import matplotlib
+        import matplotlib  # here: matplotlib is the optional `report` extra
     except ImportError as error:
         raise UserError(
             "the report's plot needs matplotlib, which is not installed: pip install 'distillm[report]'"
         ) from error
     matplotlib.use("Agg")  # no display: write files only
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use(): pyplot picks its backend when first imported
 
     return plt
 
 
 def plot_curves(runs: Sequence[RunRecord], path: str | Path) -> Path:
     """A PNG with two panels, dev loss and dev ROUGE-L against the optimizer step, one line per run."""
-    plt = _pyplot()
+    plt = pyplot()
     figure, (loss_axis, rouge_axis) = plt.subplots(1, 2, figsize=(12, 4.5))
     for run in runs:
         rows = run.evaluations
@@ -378,8 +379,6 @@ def plot_curves(runs: Sequence[RunRecord], path: str | Path) -> Path:
         axis.grid(alpha=0.3)
     rouge_axis.legend(fontsize=8, loc="best")
     figure.tight_layout()
-    import io
-
     image = io.BytesIO()
     figure.savefig(image, format="png", dpi=110)
     plt.close(figure)

@@ -15,8 +15,11 @@ from pathlib import Path
 
 import torch
 
-from distillm.config import GenerationConfig, load_config
+from distillm.config import Config, GenerationConfig, load_config
+from distillm.data import read_examples
 from distillm.errors import UserError
+from distillm.evaluate import generate_predictions
+from distillm.models import load_causal_lm, load_tokenizer
 from distillm.storage import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -61,11 +64,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from distillm.config import Config
-    from distillm.data import read_examples
-    from distillm.evaluate import generate_predictions
-    from distillm.models import load_causal_lm, load_tokenizer
-
     for item in args.overrides:
         if not item.startswith("generation."):
             raise UserError(f"{item!r}: only generation.KEY=VALUE settings apply to `distillm generate`")
