@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,23 +31,25 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm.auto import tqdm
+from transformers.utils import logging as hf_logging
 
 from distillm import IGNORE_INDEX
 from distillm.checkpoint import (
     CHECKPOINTS,
-    DEEPSPEED_STATE,
+    Resumed,
+    capture_rng_state,
     checkpoint_name,
+    find_resume,
     load_model_weights,
-    load_trainer_state,
-    restore_rng_state,
-    save_checkpoint,
     save_model,
-    stage_checkpoint,
-    staging_folder,
+    stopped_writing,
 )
 from distillm.config import Config, MiniLLMConfig, save_config
 from distillm.data import collate
+from distillm.distributed import Distributed
 from distillm.errors import UserError
+from distillm.evaluate import dev_loss, dev_rouge
 from distillm.faults import GracefulStop, TrainingStopped
 from distillm.generation import sample_mixed
 from distillm.losses.minillm import (
@@ -85,37 +88,18 @@ from distillm.train import (
     BatchOrder,
     Cursor,
     MetricsLog,
-    NonFiniteLossError,
+    TrainingData,
     TrainResult,
-    WholeStudent,
-    _any_process,
-    _choose_checkpoint,
-    _evaluate,
-    _gather_to_main,
-    _is_zero3,
-    _keep_best,
-    _load_engine_state,
-    _sharded,
-    _stopped_writing,
-    _student_outside_engine,
-    _student_state_dict,
-    _this_process_state,
-    _together,
-    _unwrap,
-    backward_scale,
-    build_accelerator,
     check_pretrain_positions,
-    configure_deepspeed,
+    count_tokens,
+    keep_best,
     load_data,
-    loading_whole_models,
-    micro_batch,
+    optimizer_step,
     seed_everything,
     synchronize,
 )
 
 logger = logging.getLogger(__name__)
-
-_ENGINE_TAG = "engine"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -440,6 +424,116 @@ class MiniLLMState:
 
 
 # --------------------------------------------------------------------------------------------------------
+# The run: set-up and resuming.
+
+
+@dataclass
+class MiniLLMRun:
+    """Everything a MiniLLM run carries from one step to the next (made by ``setup``)."""
+
+    config: Config
+    distributed: Distributed
+    out: Path
+    tokenizer: Any
+    teacher: nn.Module
+    vocab_size: int
+    data: TrainingData
+    prompt_order: BatchOrder  # one prompt at a time, a seeded permutation per epoch
+    pretrain_order: BatchOrder | None
+    shape: Geometry
+    total_steps: int
+    eval_every: int
+    save_every: int
+    objective: nn.Module  # the MiniLLMObjective; after ``Distributed.prepare``, its engine
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    sampling: torch.Generator  # this process's rollout sampling stream
+    state: MiniLLMState = field(default_factory=MiniLLMState)
+    store: list[Rollout] = field(default_factory=list)
+    metrics: MetricsLog | None = None
+    last_dev_loss: float | None = None
+
+    @property
+    def pad(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    def due(self, every: int) -> bool:
+        """Whether the step just taken is a multiple of ``every`` or the last one."""
+        return self.state.step % every == 0 or self.state.step == self.total_steps
+
+
+def setup(config: Config) -> MiniLLMRun:
+    """The run folder, models, data, orders, objective, optimizer and scheduler of ``config``."""
+    hf_logging.disable_progress_bar()
+    distributed = Distributed(config)
+    out = Path(config.train.output_dir)
+    cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else out.parent / ".cache"
+    if distributed.is_main:
+        with storage_errors(out):
+            out.mkdir(parents=True, exist_ok=True)
+        save_config(config, out / "config.yaml")
+        for folder in ("best", "last"):
+            recover_replaced(out / folder)
+    distributed.wait_for_everyone()
+    rank, world = distributed.rank, distributed.world_size
+    seed_everything(config.seed + rank)
+    with distributed.loading_whole_models():
+        tokenizer, student, teacher, vocab_size = load_models(config, distributed.device)
+    with distributed.main_process_first():
+        data = load_data(config, tokenizer, cache_dir)
+    knobs = config.minillm
+    use_pretrain = data.pretrain is not None and knobs.lm_coef > 0
+    if use_pretrain:
+        check_pretrain_positions(student, data.pretrain.chunk_length, config.data.pretrain)
+    shape = geometry(config, world)
+    total_steps = total_optimizer_steps(config, shape, len(data.train), world)
+    objective = MiniLLMObjective(student, knobs, vocab_size, config.objective.chunk_size, distributed.sharded)
+    optimizer = build_optimizer(objective, config.train)
+    return MiniLLMRun(
+        config=config,
+        distributed=distributed,
+        out=out,
+        tokenizer=tokenizer,
+        teacher=teacher,
+        vocab_size=vocab_size,
+        data=data,
+        prompt_order=BatchOrder(len(data.train), 1, config.seed, rank, world),
+        pretrain_order=(
+            BatchOrder(len(data.pretrain), config.train.batch_size, config.seed + 1, rank, world)
+            if use_pretrain
+            else None
+        ),
+        shape=shape,
+        total_steps=total_steps,
+        eval_every=config.train.eval_every or shape.steps_per_cycle,
+        save_every=config.train.save_every or shape.steps_per_cycle,
+        objective=objective,
+        optimizer=optimizer,
+        scheduler=build_scheduler(optimizer, total_steps, config.train),
+        # Rollouts draw differently on every process, from a stream of their own.
+        sampling=torch.Generator().manual_seed(config.seed * 7919 + 2 + 104_729 * rank),
+    )
+
+
+def restore(run: MiniLLMRun, resumed: Resumed) -> None:
+    """Weights, optimizer, scheduler, position, this process's store and sampling stream (before ``prepare``)."""
+    saved = resumed.trainer_state
+    if saved.get("loop") != "minillm":
+        raise UserError(
+            f"{resumed.checkpoint} was not written by loop: minillm; resume it with its own loop, or start a new "
+            "train.output_dir"
+        )
+    load_model_weights(run.objective.student, resumed.checkpoint)
+    run.distributed.load_optimizer_state(run.optimizer, saved["optimizer"], resumed.checkpoint)
+    run.scheduler.load_state_dict(saved["scheduler"])
+    mine = resumed.process
+    run.sampling.set_state(mine["sampling"])
+    run.store = [Rollout(**row) for row in mine["store"]]
+    run.state = MiniLLMState.from_dict(saved["train"])
+    logger.info("resumed from %s (step %d, cycle %d)", resumed.checkpoint, run.state.step, run.state.cycle)
+
+
+# --------------------------------------------------------------------------------------------------------
 # The loop.
 
 
@@ -453,295 +547,280 @@ def train(config: Config) -> TrainResult:
     if config.loop != "minillm":
         raise UserError(f"distillm.minillm runs loop: minillm, not loop: {config.loop}")
     with GracefulStop() as stop:
-        return _train(config, stop)
-
-
-def _train(config: Config, stop: GracefulStop) -> TrainResult:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    accelerator = build_accelerator(config)
-    out = Path(config.train.output_dir)
-    cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else out.parent / ".cache"
-    if accelerator.is_main_process:
-        with storage_errors(out):
-            out.mkdir(parents=True, exist_ok=True)
-        save_config(config, out / "config.yaml")
-        for folder in ("best", "last"):
-            recover_replaced(out / folder)
-    accelerator.wait_for_everyone()
-    rank, world = accelerator.process_index, accelerator.num_processes
-    seed_everything(config.seed + rank)
-
-    with loading_whole_models(accelerator):
-        tokenizer, student, teacher, vocab_size = load_models(config, accelerator.device)
-    with accelerator.main_process_first():
-        data = load_data(config, tokenizer, cache_dir)
-    knobs = config.minillm
-    use_pretrain = data.pretrain is not None and knobs.lm_coef > 0
-    if use_pretrain:
-        check_pretrain_positions(student, data.pretrain.chunk_length, config.data.pretrain)
-    shape = geometry(config, world)
-    prompt_order = BatchOrder(len(data.train), 1, config.seed, rank, world)  # one prompt at a time
-    pretrain_order = (
-        BatchOrder(len(data.pretrain), config.train.batch_size, config.seed + 1, rank, world)
-        if use_pretrain
-        else None
-    )
-    total_steps = total_optimizer_steps(config, shape, len(data.train), world)
-    eval_every = config.train.eval_every or shape.steps_per_cycle
-    save_every = config.train.save_every or shape.steps_per_cycle
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    chunked = config.objective.chunk_size > 0
-
-    objective = MiniLLMObjective(
-        student, knobs, vocab_size, config.objective.chunk_size, _sharded(accelerator)
-    )
-    optimizer = build_optimizer(objective, config.train)
-    scheduler = build_scheduler(optimizer, total_steps, config.train)
-    # Rollout sampling draws differently on every process, from a stream of its own.
-    sampling = torch.Generator().manual_seed(config.seed * 7919 + 2 + 104_729 * rank)
-    state = MiniLLMState()
-    store: list[Rollout] = []
-
-    checkpoint = _choose_checkpoint(accelerator, out) if config.train.resume else None
-    if checkpoint is not None:
-        load_model_weights(student, checkpoint)
-        saved = load_trainer_state(checkpoint)
-        if saved["optimizer"] is not None:
-            optimizer.load_state_dict(saved["optimizer"])
-        elif accelerator.state.deepspeed_plugin is None:
-            raise UserError(
-                f"{checkpoint} was written under DeepSpeed; resume it with the same DeepSpeed config and number "
-                "of processes, or start a new train.output_dir"
-            )
-        scheduler.load_state_dict(saved["scheduler"])
-        mine = _this_process_state(saved, accelerator, checkpoint)
-        sampling.set_state(mine["sampling"])
-        store = [Rollout(**row) for row in mine["store"]]
-        state = MiniLLMState.from_dict(saved["train"])
-        logger.info("resumed from %s (step %d, cycle %d)", checkpoint, state.step, state.cycle)
-
-    configure_deepspeed(accelerator, config)
-    whole = WholeStudent(student, fsdp=not _is_zero3(accelerator)) if _sharded(accelerator) else None
-    objective, optimizer = accelerator.prepare(objective, optimizer)
-    if checkpoint is not None and accelerator.state.deepspeed_plugin is not None:
-        _load_engine_state(objective, checkpoint)
-    if checkpoint is not None:
-        restore_rng_state(_this_process_state(load_trainer_state(checkpoint), accelerator, checkpoint)["rng"])
-    if config.train.report_to:
-        accelerator.init_trackers("distillm", config={"seed": config.seed})
-    metrics = MetricsLog(out / "metrics.jsonl", accelerator, state.step if checkpoint is not None else None)
-    if checkpoint is None and accelerator.is_main_process and (out / "metrics.jsonl").exists():
-        (out / "metrics.jsonl").unlink()
-
-    seconds = state.seconds
-    last_dev_loss = None
-    from tqdm.auto import tqdm
-
-    bar = tqdm(
-        total=total_steps,
-        initial=state.step,
-        desc=f"minillm {out.name}",
-        disable=not (config.train.progress and accelerator.is_main_process),
-        dynamic_ncols=True,
-    )
-
-    def evaluate_and_keep_best() -> dict[str, float]:
-        t0 = time.perf_counter()
-        evaluated = _student_outside_engine(accelerator, objective, whole, state.step)
-        evaluation = _evaluate(config, accelerator, evaluated, tokenizer, data, vocab_size, state.step)
-        seconds["evaluation"] += time.perf_counter() - t0
-        metrics.write({"step": state.step, **evaluation})
-        _keep_best(config, accelerator, objective, tokenizer, state, evaluation, out)
-        return evaluation
-
-    def save() -> None:
-        _save(
-            config,
-            accelerator,
-            objective,
-            optimizer,
-            scheduler,
-            tokenizer,
-            state,
-            store,
-            sampling,
-            shape,
-            out,
+        run = setup(config)
+        resumed = find_resume(run.distributed, run.out) if config.train.resume else None
+        if resumed is not None:
+            restore(run, resumed)
+        run.objective, run.optimizer = run.distributed.prepare(run.objective, run.optimizer)
+        if resumed is not None:
+            run.distributed.load_engine_state(resumed.checkpoint)
+            resumed.restore_rng()
+        if config.train.report_to:
+            run.distributed.init_trackers("distillm", config={"seed": config.seed})
+        run.metrics = MetricsLog(
+            run.out / "metrics.jsonl", run.distributed, run.state.step if resumed else None
         )
-
-    if checkpoint is None:
-        last_dev_loss = evaluate_and_keep_best().get("dev_loss")  # step 0: the untrained student
-    step_start = time.perf_counter()
-    while state.step < total_steps:
-        step_seconds = dict.fromkeys(("generation", "teacher", "student"), 0.0)
-        row: dict[str, Any] = {}
-
-        # 1. A new rollout cycle once the store has had its PPO epochs (or at the start).
-        if state.cycle < 0 or state.cycle_step >= shape.steps_per_cycle:
-            t0 = time.perf_counter()
-            sampler = _student_outside_engine(accelerator, objective, whole, state.step)
-            prompts = []
-            for _ in range(shape.rollouts_per_process):
-                epoch, index = state.prompts.advance(prompt_order)
-                prompts.append(data.train[prompt_order.indices(epoch, index)[0]][0])
-            store = collect_rollouts(
-                sampler, teacher, prompts, config, eos, pad, sampling, accelerator.device
-            )
-            state.cycle, state.cycle_step = state.cycle + 1, 0
-            synchronize(accelerator.device)
-            step_seconds["generation"] = time.perf_counter() - t0
-            row.update(_rollout_statistics(store, knobs))
-
-        # 2. This step's micro-batches: the store in its PPO epoch's order, and pretraining chunks.
-        epoch, index = divmod(state.cycle_step, shape.steps_per_epoch)
-        order = ppo_order(config.seed, rank, state.cycle, epoch, len(store))
-        size, accumulation = config.train.batch_size, config.train.grad_accum
-        first = index * size * accumulation
-        micro = [
-            rollout_batch([store[i] for i in order[first + k * size : first + (k + 1) * size]], knobs, pad)
-            for k in range(accumulation)
-        ]
-        micro = [_to_device(m, accelerator.device) for m in micro]
-        pretrain_batches: list[dict[str, Tensor] | None] = [None] * accumulation
-        pretrain_tokens = None
-        if pretrain_order is not None:
-            pretrain_batches = []
-            for _ in range(accumulation):
-                p_epoch, p_index = state.pretrain.advance(pretrain_order)
-                chunk = data.pretrain.collate(
-                    [data.pretrain[i] for i in pretrain_order.indices(p_epoch, p_index)]
-                )
-                pretrain_batches.append({k: v.to(accelerator.device) for k, v in chunk.items()})
-            pretrain_tokens = _global_sum(
-                accelerator, sum(int(b["labels"].ne(IGNORE_INDEX).sum()) for b in pretrain_batches)
-            )
-
-        # 3. Advantages, whitened over the whole step's rollout tokens on every process: batch 4 x
-        #    accumulation 1, 2 x 2 and two processes of 2 all whiten (and normalise) the same tokens.
-        reward_to_go = torch.cat([m.reward_to_go for m in micro])  # [N_step]
-        everywhere = (lambda t: accelerator.reduce(t, reduction="sum")) if world > 1 else None
-        advantages = whiten(
-            reward_to_go[None], torch.ones_like(reward_to_go, dtype=torch.bool)[None], everywhere
-        )[0]
-        advantages = advantages.split([len(m.reward_to_go) for m in micro])
-        num_tokens = _global_sum(accelerator, len(reward_to_go))
-
-        # 4. Forward and backward per micro-batch.
-        scale = backward_scale(accelerator)
-        logged = torch.zeros(4, device=accelerator.device)  # total, policy, single-step, pretraining
-        for k, (batch, pretrain_batch) in enumerate(zip(micro, pretrain_batches)):
-            t0 = time.perf_counter()
-            teacher_out = (
-                teacher_forward(teacher, batch.batch, vocab_size, chunked) if knobs.single_step_reg else None
-            )
-            teacher_pt = (
-                teacher_forward(teacher, pretrain_batch, vocab_size, chunked)
-                if pretrain_batch is not None and knobs.pt_kd_ratio > 0
+        bar = tqdm(
+            total=run.total_steps,
+            initial=run.state.step,
+            desc=f"minillm {run.out.name}",
+            disable=not (config.train.progress and run.distributed.is_main),
+            dynamic_ncols=True,
+        )
+        if resumed is None:
+            evaluate(run)  # step 0: the initialised student (it may be the best one)
+        step_start = time.perf_counter()
+        while run.state.step < run.total_steps:
+            statistics = (
+                rollout(run)
+                if run.state.cycle < 0 or run.state.cycle_step >= run.shape.steps_per_cycle
                 else None
             )
-            synchronize(accelerator.device)
-            t1 = time.perf_counter()
-            step_seconds["teacher"] += t1 - t0
-            with micro_batch(accelerator, objective, last=k == len(micro) - 1):
-                loss = objective(
-                    batch, advantages[k], num_tokens, teacher_out, pretrain_batch, teacher_pt, pretrain_tokens
-                )
-                accelerator.backward(loss.total * scale)
-            synchronize(accelerator.device)
-            step_seconds["student"] += time.perf_counter() - t1
-            logged += torch.stack([loss.total.detach(), loss.policy, loss.single_step, loss.pretrain]).float()
+            batches = step_batches(run)
+            if statistics is not None:
+                batches.seconds["generation"] = statistics.pop("generation_s")
+            logged = loss_step(run, batches)
+            grad_norm = optimizer_step(run, batches, logged)  # the token loop's: check, clip, step
+            run.state.cycle_step += 1
+            elapsed, step_start = time.perf_counter() - step_start, time.perf_counter()
+            log_step(run, batches, logged, grad_norm, elapsed, statistics, bar)
+            if run.due(run.eval_every):
+                evaluate(run)
+            if run.due(run.save_every):
+                save(run)
+            if run.state.step < run.total_steps and stop.agreed(run.distributed.any_process()):
+                if run.state.step % run.save_every != 0:
+                    save(run)
+                bar.close()
+                checkpoint = run.out / CHECKPOINTS / checkpoint_name(run.state.step)
+                raise TrainingStopped(stop.signal_name, run.state.step, checkpoint)
+        bar.close()
+        return finish(run)
 
-        # 5. Check, clip, step.
-        logged = accelerator.reduce(logged, reduction="sum")
-        if not torch.isfinite(logged[0]):
-            raise NonFiniteLossError(
-                f"the loss became {logged[0].item()} at optimizer step {state.step + 1}; the last good checkpoint "
-                f"in {out / CHECKPOINTS} is kept. Lower train.lr, use train.precision=fp32, or check the data"
-            )
+
+def rollout(run: MiniLLMRun) -> dict[str, float]:
+    """A new rollout cycle: the next ``rollouts_per_process`` prompts answered from the teacher-student
+    mixture by the current student, into the store. Returns the cycle's statistics and its seconds."""
+    state, distributed = run.state, run.distributed
+    t0 = time.perf_counter()
+    sampler = distributed.whole_student(state.step)
+    prompts = []
+    for _ in range(run.shape.rollouts_per_process):
+        epoch, index = state.prompts.advance(run.prompt_order)
+        prompts.append(run.data.train[run.prompt_order.indices(epoch, index)[0]][0])
+    eos = run.tokenizer.eos_token_id
+    run.store = collect_rollouts(
+        sampler, run.teacher, prompts, run.config, eos, run.pad, run.sampling, distributed.device
+    )
+    state.cycle, state.cycle_step = state.cycle + 1, 0
+    synchronize(distributed.device)
+    return {**rollout_statistics(run.store, run.config.minillm), "generation_s": time.perf_counter() - t0}
+
+
+@dataclass
+class PPOBatches:
+    """One optimizer step's micro-batches of the store (on the device) and of the pretraining corpus."""
+
+    micro: list[RolloutBatch]
+    advantages: list[Tensor]  # [N_k] per micro-batch, whitened over the whole step
+    num_tokens: Tensor  # rollout tokens of the whole step: all micro-batches, all processes
+    pretrain: list[dict[str, Tensor] | None]
+    pretrain_tokens: Tensor | None
+    ppo_epoch: int
+    seconds: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(("generation", "teacher", "student"), 0.0)
+    )
+
+
+def step_batches(run: MiniLLMRun) -> PPOBatches:
+    """This step's micro-batches: the store in its PPO epoch's shuffled order; advantages whitened over the
+    step's rollout tokens on every process (so batch 4 x accumulation 1, 2 x 2 and two processes of 2 whiten
+    and normalise the same tokens); the pretraining chunks."""
+    config, state, distributed = run.config, run.state, run.distributed
+    epoch, index = divmod(state.cycle_step, run.shape.steps_per_epoch)
+    order = ppo_order(config.seed, distributed.rank, state.cycle, epoch, len(run.store))
+    size, accumulation = config.train.batch_size, config.train.grad_accum
+    first = index * size * accumulation
+    micro = [
+        _to_device(
+            rollout_batch(
+                [run.store[i] for i in order[first + k * size : first + (k + 1) * size]],
+                config.minillm,
+                run.pad,
+            ),
+            distributed.device,
+        )
+        for k in range(accumulation)
+    ]
+    reward_to_go = torch.cat([m.reward_to_go for m in micro])  # [N_step]
+    every = torch.ones_like(reward_to_go, dtype=torch.bool)[None]
+    advantages = whiten(reward_to_go[None], every, distributed.sum if distributed.world_size > 1 else None)[0]
+    num_tokens = distributed.sum(torch.tensor(len(reward_to_go), device=distributed.device))
+    pretrain: list[dict[str, Tensor] | None] = [None] * accumulation
+    pretrain_tokens = None
+    if run.pretrain_order is not None:
+        pretrain = []
+        for _ in range(accumulation):
+            p_epoch, p_index = state.pretrain.advance(run.pretrain_order)
+            rows = [run.data.pretrain[i] for i in run.pretrain_order.indices(p_epoch, p_index)]
+            pretrain.append({k: v.to(distributed.device) for k, v in run.data.pretrain.collate(rows).items()})
+        pretrain_tokens = count_tokens(pretrain, distributed)
+    splits = advantages.split([len(m.reward_to_go) for m in micro])
+    return PPOBatches(micro, list(splits), num_tokens, pretrain, pretrain_tokens, epoch)
+
+
+def loss_step(run: MiniLLMRun, batches: PPOBatches) -> Tensor:
+    """Teacher and student forward, backward of every micro-batch; returns [total, policy, single-step,
+    pretraining] of the step, summed over micro-batches and processes (each a share of the step's mean)."""
+    knobs, distributed, seconds = run.config.minillm, run.distributed, batches.seconds
+    chunked = run.config.objective.chunk_size > 0
+    logged = torch.zeros(4, device=distributed.device)
+    for k, (micro, pretrain) in enumerate(zip(batches.micro, batches.pretrain)):
         t0 = time.perf_counter()
-        grad_norm = (
-            accelerator.clip_grad_norm_(objective.parameters(), config.train.clip_grad)
-            if config.train.clip_grad > 0
+        teacher_out = (
+            teacher_forward(run.teacher, micro.batch, run.vocab_size, chunked)
+            if knobs.single_step_reg
             else None
         )
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        synchronize(accelerator.device)
-        step_seconds["student"] += time.perf_counter() - t0
-        for key, value in step_seconds.items():
-            seconds[key] += value
-        state.step += 1
-        state.cycle_step += 1
-        state.tokens_seen += int(num_tokens)
-
-        # 6. Log, evaluate, checkpoint.
-        elapsed = time.perf_counter() - step_start
-        step_start = time.perf_counter()
-        row = {
-            "step": state.step,
-            "loss": logged[0].item(),
-            "policy": logged[1].item(),
-            "single_step_kl": logged[2].item(),
-            "lm": logged[3].item(),
-            "lr": scheduler.get_last_lr()[0],
-            "tokens": int(num_tokens),
-            "tokens_per_s": int(num_tokens) / max(elapsed, 1e-9),
-            "cycle": state.cycle,
-            "ppo_epoch": epoch,
-            **row,
-            **{f"{key}_s": value for key, value in step_seconds.items()},
-        }
-        if grad_norm is not None:
-            row["grad_norm"] = float(grad_norm)
-        bar.update(1)
-        bar.set_postfix(loss=f"{row['loss']:.4f}", cycle=state.cycle)
-        if state.step % config.train.log_every == 0 or state.step == total_steps or "rollout_tokens" in row:
-            metrics.write(row)
-        if state.step % eval_every == 0 or state.step == total_steps:
-            last_dev_loss = evaluate_and_keep_best().get("dev_loss", last_dev_loss)
-        if state.step % save_every == 0 or state.step == total_steps:
-            save()
-        if state.step < total_steps and stop.agreed(_any_process(accelerator)):
-            if state.step % save_every != 0:
-                save()
-            bar.close()
-            raise TrainingStopped(
-                stop.signal_name, state.step, out / CHECKPOINTS / checkpoint_name(state.step)
+        teacher_pt = (
+            teacher_forward(run.teacher, pretrain, run.vocab_size, chunked)
+            if pretrain is not None and knobs.pt_kd_ratio > 0
+            else None
+        )
+        synchronize(distributed.device)
+        t1 = time.perf_counter()
+        seconds["teacher"] += t1 - t0
+        with distributed.micro_batch(last=k == len(batches.micro) - 1):
+            loss = run.objective(
+                micro,
+                batches.advantages[k],
+                batches.num_tokens,
+                teacher_out,
+                pretrain,
+                teacher_pt,
+                batches.pretrain_tokens,
             )
-    bar.close()
+            distributed.backward(loss.total)
+        synchronize(distributed.device)
+        seconds["student"] += time.perf_counter() - t1
+        logged += torch.stack([loss.total.detach(), loss.policy, loss.single_step, loss.pretrain]).float()
+    return distributed.sum(logged)
 
-    weights = _student_state_dict(accelerator, objective)
+
+def log_step(
+    run: MiniLLMRun, batches: PPOBatches, logged: Tensor, grad_norm, elapsed, statistics, bar
+) -> None:
+    """metrics.jsonl: train.py's columns where they apply (``divergence`` is the single-step reverse KL,
+    ``lm`` the pretraining term), the policy loss, the cycle and PPO epoch, and at a cycle's first step the
+    rollouts' statistics."""
+    num_tokens = int(batches.num_tokens)
+    row = {
+        "step": run.state.step,
+        "loss": logged[0].item(),
+        "policy": logged[1].item(),
+        "divergence": logged[2].item(),
+        "lm": logged[3].item(),
+        "lr": run.scheduler.get_last_lr()[0],
+        "tokens": num_tokens,
+        "tokens_per_s": num_tokens / max(elapsed, 1e-9),
+        "cycle": run.state.cycle,
+        "ppo_epoch": batches.ppo_epoch,
+        **(statistics or {}),
+        **{f"{key}_s": value for key, value in batches.seconds.items()},
+    }
+    if grad_norm is not None:
+        row["grad_norm"] = float(grad_norm)
+    bar.update(1)
+    bar.set_postfix(loss=f"{row['loss']:.4f}", cycle=run.state.cycle)
+    if run.due(run.config.train.log_every) or statistics is not None:
+        run.metrics.write(row)
+
+
+def evaluate(run: MiniLLMRun) -> None:
+    """Dev loss (and ROUGE-L) of the current student with the token loop's functions, logged; the best
+    model so far is kept (``train.keep_best``)."""
+    config, distributed, step = run.config, run.distributed, run.state.step
+    t0 = time.perf_counter()
+    student = distributed.whole_student(step)
+    evaluation: dict[str, float] = {}
+    if run.data.dev is not None:
+        evaluation["dev_loss"] = dev_loss(
+            student,
+            run.data.dev,
+            collate,
+            run.pad,
+            config.train.batch_size,
+            distributed.accelerator,
+            run.vocab_size,
+        )
+        evaluation["dev_ppl"] = math.exp(min(evaluation["dev_loss"], 50.0))
+    if config.train.eval_rouge and run.data.dev_examples:
+        evaluation["dev_rougeL"] = dev_rouge(
+            student, run.tokenizer, run.data.dev_examples, config, distributed, seed=config.seed
+        )
+    if evaluation:
+        logger.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in evaluation.items()))
+    run.state.seconds["evaluation"] += time.perf_counter() - t0
+    run.last_dev_loss = evaluation.get("dev_loss", run.last_dev_loss)
+    run.metrics.write({"step": step, **evaluation})
+    keep_best(run, evaluation)
+
+
+def save(run: MiniLLMRun) -> None:
+    """A resumable checkpoint of this step: weights, optimizer, scheduler, the loop's position and, per
+    process, its rollout store (while PPO epochs on it remain), its sampling stream and every RNG."""
+    distributed, state = run.distributed, run.state
+    pending = state.cycle_step < run.shape.steps_per_cycle  # the store is still needed after a resume
+    per_process = distributed.gather(
+        {
+            "store": [r.to_dict() for r in run.store] if pending else [],
+            "sampling": run.sampling.get_state(),
+            "rng": capture_rng_state(),
+        }
+    )
+    trainer_state = {
+        "loop": "minillm",
+        "optimizer": distributed.optimizer_state(run.optimizer),
+        "scheduler": run.scheduler.state_dict(),
+        "processes": per_process,
+        "train": state.to_dict(),
+    }
+    try:
+        distributed.save_checkpoint(
+            run.out, state.step, run.tokenizer, trainer_state, keep=run.config.train.keep_checkpoints
+        )
+    except StorageError as error:
+        raise stopped_writing(f"the checkpoint of step {state.step}", error, state.step, run.out) from error
+
+
+def finish(run: MiniLLMRun) -> TrainResult:
+    """Write ``last/`` (and ``merged/`` for LoRA) and ``summary.json``, last: the run is done."""
+    config, distributed, state = run.config, run.distributed, run.state
+    weights = distributed.student_state_dict()
 
     def write_last() -> None:
-        model = _unwrap(accelerator, objective).student
-        extra = {"step": state.step, "dev_loss": last_dev_loss}
-        save_model(out / "last", model, tokenizer, state_dict=weights, extra=extra)
+        model = distributed.student
+        extra = {"step": state.step, "dev_loss": run.last_dev_loss}
+        save_model(run.out / "last", model, run.tokenizer, state_dict=weights, extra=extra)
         if config.model.lora.enabled and config.model.lora.merge_on_save:
-            save_model(out / "merged", merge_lora(model), tokenizer, extra=extra)
+            save_model(run.out / "merged", merge_lora(model), run.tokenizer, extra=extra)
         summary = {
-            "world_size": world,
+            "world_size": distributed.world_size,
             "steps": state.step,
             "cycles": state.cycle + 1,
-            "seconds": seconds,
+            "seconds": state.seconds,
             "tokens": state.tokens_seen,
         }
-        atomic_write_text(
-            out / "summary.json", json.dumps(summary, indent=2)
-        )  # written last: the run is done
+        atomic_write_text(run.out / "summary.json", json.dumps(summary, indent=2))
 
     try:
-        _together(accelerator, write_last if accelerator.is_main_process else None, "the final model")
+        distributed.on_main(write_last, "the final model")
     except StorageError as error:
-        raise _stopped_writing(f"{out / 'last'}", error, state.step, out) from error
-    accelerator.end_training()
-    return TrainResult(out, state.step, state.best_metric, state.best_step, last_dev_loss, seconds, {})
-
-
-# --------------------------------------------------------------------------------------------------------
-# Named steps.
+        raise stopped_writing(f"{run.out / 'last'}", error, state.step, run.out) from error
+    distributed.end()
+    return TrainResult(
+        run.out, state.step, state.best_metric, state.best_step, run.last_dev_loss, state.seconds, {}
+    )
 
 
 def _to_device(rollouts: RolloutBatch, device: torch.device) -> RolloutBatch:
@@ -753,13 +832,7 @@ def _to_device(rollouts: RolloutBatch, device: torch.device) -> RolloutBatch:
     )
 
 
-def _global_sum(accelerator, count: int) -> Tensor:
-    """``count`` summed over every process, as a tensor on the device."""
-    local = torch.as_tensor(count, device=accelerator.device, dtype=torch.long)
-    return accelerator.reduce(local, reduction="sum") if accelerator.num_processes > 1 else local
-
-
-def _rollout_statistics(store: list[Rollout], knobs: MiniLLMConfig) -> dict[str, float]:
+def rollout_statistics(store: list[Rollout], knobs: MiniLLMConfig) -> dict[str, float]:
     """This process's rollout cycle in numbers: lengths, the sequence log-ratio and the mean weight."""
     lengths = torch.tensor([len(r.response) for r in store], dtype=torch.float64)
     log_ratio = torch.tensor([float((r.student_logprobs - r.teacher_logprobs).sum()) for r in store])
@@ -772,64 +845,8 @@ def _rollout_statistics(store: list[Rollout], knobs: MiniLLMConfig) -> dict[str,
     return {
         "rollout_tokens": int(lengths.sum()),
         "rollout_length": float(lengths.mean()),
-        # Sum over a mixed sample of log q_old - log p: the sequence-level reverse KL's integrand (biased
-        # by the mixing for a > 0; an estimate of KL(q || p) itself for a = 0).
+        # Sum over a mixed sample of log q_old - log p: the sequence-level reverse KL's integrand (an
+        # estimate of KL(q || p) itself only for a = 0).
         "rollout_log_ratio": float(log_ratio.mean()),
         "rollout_weight": float(weights.mean()),
     }
-
-
-def _save(
-    config, accelerator, objective, optimizer, scheduler, tokenizer, state, store, sampling, shape, out
-):
-    """A resumable checkpoint of ``state.step``: weights, optimizer, scheduler, the loop's position and, per
-    process, its rollout store (while PPO epochs on it remain), its sampling stream and every RNG."""
-    from distillm.checkpoint import capture_rng_state
-
-    accelerator.wait_for_everyone()
-    weights = _student_state_dict(accelerator, objective)
-    pending = state.cycle_step < shape.steps_per_cycle  # the store is still needed after a resume
-    per_process = _gather_to_main(
-        accelerator,
-        {
-            "store": [r.to_dict() for r in store] if pending else [],
-            "sampling": sampling.get_state(),
-            "rng": capture_rng_state(),
-        },
-    )
-    deepspeed = accelerator.state.deepspeed_plugin is not None
-
-    def write_checkpoint() -> None:
-        trainer_state = {
-            "optimizer": None if deepspeed else optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "processes": per_process,
-            "train": state.to_dict(),
-            "loop": "minillm",
-        }
-        save_checkpoint(
-            out,
-            state.step,
-            _unwrap(accelerator, objective).student,
-            tokenizer,
-            trainer_state,
-            keep=config.train.keep_checkpoints,
-            state_dict=weights,
-            staged=deepspeed,
-        )
-
-    main = accelerator.is_main_process
-    try:
-        if deepspeed:
-            _together(
-                accelerator, (lambda: stage_checkpoint(out, state.step)) if main else None, "a checkpoint"
-            )
-            engine_folder = staging_folder(out, state.step) / DEEPSPEED_STATE
-            _together(
-                accelerator,
-                lambda: objective.save_checkpoint(str(engine_folder), tag=_ENGINE_TAG, save_latest=False),
-                "a checkpoint",
-            )
-        _together(accelerator, write_checkpoint if main else None, "a checkpoint")
-    except StorageError as error:
-        raise _stopped_writing(f"the checkpoint of step {state.step}", error, state.step, out) from error
