@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -383,3 +384,75 @@ def test_a_store_smaller_than_one_step_is_refused_naming_the_fields(task_data, q
     )
     with pytest.raises(UserError, match="minillm.num_rollouts=3"):
         geometry(config, world_size=1)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Several processes (tests/test_distributed.py's launchers and bounds). Rollouts are drawn per process, so a
+# two-process run is compared with another two-process run of the same samples: DeepSpeed ZeRO-3 (sharded
+# student, whole copy for sampling, chunked loss) against plain data parallelism.
+
+DISTRIBUTED = {
+    "train.batch_size": 2,
+    "train.max_steps": 4,
+    "train.eval_every": 2,
+    "train.save_every": 4,
+    "train.eval_rouge": False,
+    "train.select_by": "dev_loss",
+    "minillm.num_rollouts": 8,  # 4 per process: 2 steps per PPO epoch
+    "generation.max_new_tokens": 6,
+}
+
+
+def launch_minillm(launcher: list[str], args: list[str], timeout: int = 400) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    config = str(CONFIGS / "tiny" / "minillm.yaml")
+    command = [*launcher, "-m", "distillm", "train", "--config", config, *args]
+    done = subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=timeout, cwd=CONFIGS.parent
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+
+
+@pytest.fixture(scope="module")
+def data_parallel_run(task_data, quiet_pair, tmp_path_factory) -> Path:
+    from test_distributed import TORCHRUN
+
+    run = tmp_path_factory.mktemp("minillm-ddp") / "run"
+    launch_minillm(
+        TORCHRUN,
+        minillm_overrides(task_data, quiet_pair["student"], quiet_pair["teacher"], run, **DISTRIBUTED),
+    )
+    return run
+
+
+def test_two_data_parallel_processes_run_minillm_with_their_own_rollouts(data_parallel_run):
+    summary = json.loads((data_parallel_run / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 4
+    rows = [json.loads(line) for line in (data_parallel_run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    # 2 processes x 2 rollouts per micro-batch: the step's tokens are both processes' (whitened together).
+    assert all(r["tokens"] > 2 * 2 for r in steps)
+    assert [r["cycle"] for r in steps] == [0, 0, 0, 0] and [r["ppo_epoch"] for r in steps] == [0, 0, 1, 1]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs the deepspeed extra")
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_deepspeed_zero_runs_minillm_like_data_parallel(
+    stage, task_data, quiet_pair, data_parallel_run, tmp_path
+):
+    """ZeRO-1/2/3 on 2 CPU processes: the same samples, losses and weights as the data-parallel run (within
+    test_distributed.py's bounds). ZeRO-1/2 as micro-batch 1 x accumulation 2 (the step whitens and normalises
+    the same tokens as batch 2 x 1); ZeRO-3 with the chunked loss, its rollouts from the whole student copy."""
+    from test_distributed import assert_same_run, deepspeed_launcher
+
+    run = tmp_path / f"zero{stage}"
+    extra = (
+        {**DISTRIBUTED, "objective.chunk_size": 5}
+        if stage == 3
+        else {**DISTRIBUTED, "train.batch_size": 1, "train.grad_accum": 2}
+    )
+    overrides = minillm_overrides(task_data, quiet_pair["student"], quiet_pair["teacher"], run, **extra)
+    launch_minillm(deepspeed_launcher(stage), overrides)
+    assert json.loads((run / "summary.json").read_text())["world_size"] == 2
+    assert_same_run(data_parallel_run, run, steps=4)
