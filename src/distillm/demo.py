@@ -195,6 +195,11 @@ class Stages:
                 f"{out} holds a demo with a different plan ({'full' if record.get('quick') is False else 'quick'}); "
                 "use --force to redo it, or another --out"
             )
+        elif record is not None and "finished" not in record:
+            raise UserError(
+                f"{self.record_path} was written by an older distillm (no stage finish times, so what to redo "
+                "is unknown); use --force to redo the demo, or another --out"
+            )
         self.record = record or {
             "plan": wanted,
             "quick": quick,
