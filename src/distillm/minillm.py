@@ -568,7 +568,7 @@ def train(config: Config) -> TrainResult:
             dynamic_ncols=True,
         )
         if resumed is None:
-            evaluate(run)  # step 0: the initialised student (it may be the best one)
+            evaluate(run, reference=True)  # step 0: the curves start from the initialised student
         step_start = time.perf_counter()
         while run.state.step < run.total_steps:
             statistics = (
@@ -736,9 +736,10 @@ def log_step(
         run.metrics.write(row)
 
 
-def evaluate(run: MiniLLMRun) -> None:
+def evaluate(run: MiniLLMRun, reference: bool = False) -> None:
     """Dev loss (and ROUGE-L) of the current student with the token loop's functions, logged; the best
-    model so far is kept (``train.keep_best``)."""
+    model so far is kept (``train.keep_best``). ``reference``: the untrained student's evaluation before
+    step 1, only logged (as the token loop does: a run's best is one of its trained students)."""
     config, distributed, step = run.config, run.distributed, run.state.step
     t0 = time.perf_counter()
     student = distributed.whole_student(step)
@@ -760,10 +761,11 @@ def evaluate(run: MiniLLMRun) -> None:
         )
     if evaluation:
         logger.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in evaluation.items()))
-    run.state.seconds["evaluation"] += time.perf_counter() - t0
-    run.last_dev_loss = evaluation.get("dev_loss", run.last_dev_loss)
     run.metrics.write({"step": step, **evaluation})
-    keep_best(run, evaluation)
+    if not reference:
+        run.state.seconds["evaluation"] += time.perf_counter() - t0
+        run.last_dev_loss = evaluation.get("dev_loss", run.last_dev_loss)
+        keep_best(run, evaluation)
 
 
 def save(run: MiniLLMRun) -> None:
