@@ -76,6 +76,7 @@ def test_each_method_ran_its_own_objective_and_sources(quick_demo):
     assert config("distillm-srkl")["sources"]["kind"] == "adaptive"
     assert config("imitkd")["sources"]["student_ratio"] == 1.0
     assert config("sft")["objective"]["kd_ratio"] == 0.0
+    assert config("minillm")["loop"] == "minillm" and config("kd")["loop"] == "tokens"
     # SeqKD trains on the teacher's answers, one per prompt asked.
     assert config("seqkd")["data"]["train"] == str(quick_demo / "data" / "teacher.jsonl")
     rows = (quick_demo / "data" / "teacher.jsonl").read_text().splitlines()
@@ -83,6 +84,13 @@ def test_each_method_ran_its_own_objective_and_sources(quick_demo):
     # Every run points at --out, never at the presets' runs/demo.
     for method in demo.METHODS:
         assert config(method.folder)["model"]["student"] == str(quick_demo / "init" / "best")
+
+
+def test_the_report_times_the_on_policy_methods_to_kds_final_dev_rouge(quick_demo):
+    markdown = (quick_demo / "report.md").read_text()
+    section = markdown.split("### Time to quality", 1)[1].split("\n#", 1)[0]
+    for name in demo.TIME_TO_QUALITY:
+        assert f"| {name} |" in section, name
 
 
 def test_imitkd_trains_on_student_outputs_at_every_step(quick_demo):

@@ -24,6 +24,7 @@ METHOD = {
     "seqkd": ("forward_kl", "dataset", None),  # the scripts' `kd` on teacher outputs; see DIFFERENCES
     "imitkd": ("forward_kl", "mixed", 1.0),
     "gkd": ("generalized_jsd", "mixed", 0.5),
+    "minillm": (None, "dataset", None),  # its own loop: no divergence, no sources (minillm section)
 }
 
 
@@ -31,6 +32,16 @@ def row(bs, lr, epochs, *, kd=None, lm=None, seed=10, accum=1, method=None, **ex
     """One script: batch per GPU, lr, epochs, kd_ratio, whether it adds the LM term (None: not stated)."""
     return {"batch_size": bs, "lr": lr, "epochs": epochs, "kd_ratio": kd, "lm": lm, "seed": seed,
             "grad_accum": accum, "method": method, **extra}  # fmt: skip
+
+
+def minillm(bs, accum, chunk, scheduler="constant", **extra):
+    """A MiniLLM script (method reference 8.x and the MiniLLM spec, section 10): 5000 steps at lr 5e-6 after
+    100 warm-up steps, 256 rollouts sampled ``chunk`` prompts at a time from the 0.2 teacher mixture, 4 PPO
+    epochs, pretraining term 0.5 CE + 0.5 soft CE."""
+    return row(bs, 5e-6, None, lm=True, accum=accum, loop="minillm", max_steps=5000, warmup=100,
+               scheduler=scheduler, num_rollouts=256, teacher_mix_alpha=0.2, ppo_epochs=4, pt_kd_ratio=0.5,
+               reward_scaling=0.5, cliprange_reward=100.0, adam_betas=(0.9, 0.95), weight_decay=1e-6,
+               generation_batch=chunk, **extra)  # fmt: skip
 
 
 SCRIPTS = {
@@ -52,6 +63,9 @@ SCRIPTS = {
     "gpt2/imitkd-medium": row(8, 5e-4, 20, kd=1.0, lm=True),
     "gpt2/imitkd-large": row(4, 5e-4, 10, kd=1.0, lm=True),
     "gpt2/gkd-base": row(2, 5e-4, 20, kd=1.0, lm=False),
+    "gpt2/minillm-base": minillm(8, 1, 16),
+    "gpt2/minillm-medium": minillm(2, 2, 8),
+    "gpt2/minillm-large": minillm(2, 2, 4),
     "gpt2/gkd-medium": row(8, 5e-4, 20, kd=1.0, lm=False),
     "gpt2/gkd-large": row(8, 5e-4, 10, kd=1.0, lm=False),
     "gpt2/distillm-base": row(
@@ -96,6 +110,9 @@ SCRIPTS = {
     "opt/init-0.1b": row(8, 5e-5, 3),
     "opt/init-0.3b": row(8, 5e-5, 3),
     "opt/init-1.3b": row(2, 5e-5, 3),
+    "opt/minillm-0.1b": minillm(4, 2, 16),
+    "opt/minillm-0.3b": minillm(8, 1, 8),
+    "opt/minillm-1.3b": minillm(4, 2, 8, gradient_checkpointing=True),
     **{
         f"opt/{method}-{size}": row(8, 5e-5, epochs, kd=1.0, lm=True, gradient_checkpointing=True)
         for method in ("kd", "seqkd", "imitkd", "gkd")
@@ -118,6 +135,7 @@ SCRIPTS = {
     "openllama2/sft-3b": row(8, 5e-4, 20, seed=20, lora=True),
     "openllama2/init-3b": row(8, 5e-4, 3, seed=20, lora=True),
     "openllama2/kd-3b": row(4, 1e-5, 10, kd=0.5, lora=True),
+    "openllama2/minillm-3b": minillm(2, 4, 8, scheduler="cosine", lora=True),
     "openllama2/seqkd-3b": row(8, 5e-4, 10, kd=0.5, lora=True),
     "openllama2/imitkd-3b": row(8, 5e-4, 10, kd=1.0, lora=True),
     "openllama2/gkd-3b": row(8, 5e-4, 10, kd=1.0, lora=True),
@@ -148,7 +166,6 @@ def preset_values(config) -> dict:
         "lr": config.train.lr,
         "epochs": config.train.epochs,
         "kd_ratio": config.objective.kd_ratio,
-        "lm": config.data.pretrain is not None and config.objective.lm_coef > 0,
         "seed": config.seed,
         "grad_accum": config.train.grad_accum,
         "method": (*method, ratio),
@@ -158,6 +175,20 @@ def preset_values(config) -> dict:
         "capacity": config.sources.capacity,
         "gradient_checkpointing": config.model.gradient_checkpointing,
         "lora": config.model.lora.enabled,
+        "loop": config.loop,
+        "max_steps": config.train.max_steps,
+        "warmup": config.train.warmup_steps,
+        "scheduler": config.train.scheduler,
+        "adam_betas": config.train.adam_betas,
+        "weight_decay": config.train.weight_decay,
+        "generation_batch": config.generation.batch_size,
+        **{
+            name: getattr(config.minillm, name)
+            for name in ("num_rollouts", "teacher_mix_alpha", "ppo_epochs", "pt_kd_ratio")
+            + ("reward_scaling", "cliprange_reward")
+        },
+        "lm": config.data.pretrain is not None
+        and (config.objective.lm_coef > 0 or (config.loop == "minillm" and config.minillm.lm_coef > 0)),
     }
 
 

@@ -180,3 +180,43 @@ def test_the_family_table_has_a_row_per_family_and_a_column_per_model(inputs):
     assert table.rows[0] == ["reverse", "0.00", "10.00", "20.00", "30.00"]
     assert [row[0] for row in table.rows] == ["reverse", "sort"]
     assert "ROUGE-L per task family" in report.to_markdown(report.build_blocks(inputs, "curves.png"))
+
+
+def test_time_to_quality_adds_up_each_steps_seconds_until_the_first_evaluation_at_the_mark():
+    from distillm.report import RunRecord, time_to_quality_table
+
+    def steps(n, generation, teacher, student):
+        return [
+            {"step": k, "loss": 1.0, "generation_s": generation, "teacher_s": teacher, "student_s": student}
+            for k in range(1, n + 1)
+        ]
+
+    kd = RunRecord(
+        "KD",
+        [{"step": 0, "dev_loss": 1.0, "dev_rougeL": 5.0}, {"step": 4, "dev_loss": 1.0, "dev_rougeL": 20.0}],
+        {},
+    )
+    fast = RunRecord(
+        "fast",
+        steps(4, 1.0, 0.5, 0.25)
+        + [
+            {"step": 2, "dev_loss": 1.0, "dev_rougeL": 21.0},
+            {"step": 4, "dev_loss": 1.0, "dev_rougeL": 30.0},
+        ],
+        {},
+    )
+    never = RunRecord(
+        "never", steps(4, 0.0, 0.0, 1.0) + [{"step": 4, "dev_loss": 1.0, "dev_rougeL": 10.0}], {}
+    )
+    table = time_to_quality_table([kd, fast, never], kd, ["fast", "never"])
+    # fast: KD's final 20 first reached at step 2 = 2 x (1 + 0.5 + 0.25) s; its best 30 at step 4.
+    assert table.rows[0] == [
+        "fast",
+        "yes",
+        "2",
+        "3.5 (2.0 / 1.0 / 0.5)",
+        "30.00",
+        "4",
+        "7.0 (4.0 / 2.0 / 1.0)",
+    ]
+    assert table.rows[1] == ["never", "no", "-", "-", "10.00", "4", "4.0 (0.0 / 0.0 / 4.0)"]

@@ -102,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 _register(
     "train",
     "distillm.train",
-    "Train a teacher or a student (SFT, KD, SeqKD, ImitKD, GKD, DistiLLM).",
+    "Train a teacher or a student (SFT, KD, SeqKD, ImitKD, GKD, DistiLLM, MiniLLM).",
     preset=True,
 )
 _register("prepare", "distillm.data.prepare", "Tokenize a dataset, or write the bundled task suite.")

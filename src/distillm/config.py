@@ -372,9 +372,8 @@ class MiniLLMConfig:
     """MiniLLM's policy-gradient knobs (Gu et al., ICLR 2024; shared/reference/minillm-method.md, sections 3-10).
 
     Defaults are the paper's scripts' values (not the original's argparse defaults; docs/differences.md).
-    Not yet part of :class:`Config`: the MiniLLM loop that would read it does not exist yet (docs/minillm.md),
-    and a section no loop reads would accept settings that change nothing. Its optimiser settings are the
-    ``train`` section's (scripts: lr 5e-6, constant after 100 warm-up steps, AdamW betas (0.9, 0.95),
+    Read by the MiniLLM loop (``loop: minillm``, ``distillm.minillm``); the token loop refuses a changed
+    section (it would change nothing there). Its optimiser settings are the ``train`` section's (scripts: lr 5e-6, constant after 100 warm-up steps, AdamW betas (0.9, 0.95),
     weight decay 1e-6, 5000 steps, gradient clipping 1.0).
     """
 
@@ -421,12 +420,18 @@ class Config:
     """A whole training run."""
 
     seed: int = _field(10, "The one seed all randomness flows from (the paper's scripts use 10).")
+    loop: Literal["tokens", "minillm"] = _field(
+        "tokens",
+        "Which training loop runs: tokens (distillm.train: SFT, KD, SeqKD, ImitKD, GKD, DistiLLM) or minillm "
+        "(distillm.minillm: MiniLLM's rollouts and PPO epochs, configured by the minillm section).",
+    )
     model: ModelConfig = _field(ModelConfig(), "Models.")
     data: DataConfig = _field(DataConfig(), "Data.")
     objective: ObjectiveConfig = _field(ObjectiveConfig(), "Objective.")
     sources: SourcesConfig = _field(SourcesConfig(), "Training-sequence sources.")
     generation: GenerationConfig = _field(GenerationConfig(), "Sampling.")
     train: TrainConfig = _field(TrainConfig(), "Optimisation loop.")
+    minillm: MiniLLMConfig = _field(MiniLLMConfig(), "MiniLLM's policy-gradient knobs (loop: minillm).")
 
     def validate(self) -> Config:
         """Check every field and the fields' combinations; return self so calls chain."""
@@ -434,6 +439,10 @@ class Config:
             value = getattr(self, f.name)
             if dataclasses.is_dataclass(value):
                 value.validate(f.name)
+        if self.loop == "minillm":
+            self._validate_minillm()
+        else:
+            _check(self.minillm == MiniLLMConfig(), "minillm", "(changed)", "is read only with loop: minillm")
         if self.objective.kd_ratio > 0 or self.sources.generator == "teacher":
             _check(
                 self.model.teacher is not None,
@@ -456,6 +465,41 @@ class Config:
                 "fp16 needs a GPU; use bf16 or fp32 on CPU",
             )
         return self
+
+    def _validate_minillm(self) -> None:
+        """MiniLLM's loop has its own objective and sequence source: settings of the token loop's would do nothing."""
+        _check(self.model.teacher is not None, "model.teacher", None, "loop: minillm needs a teacher")
+        unused = {
+            "objective.divergence": (self.objective.divergence, None),
+            "objective.kd_ratio": (self.objective.kd_ratio, 0.0),
+            "objective.lm_coef": (self.objective.lm_coef, 0.0),
+            "sources.kind": (self.sources.kind, "dataset"),
+        }
+        for key, (value, default) in unused.items():
+            _check(value == default, key, value, "is not read by loop: minillm (use the minillm section)")
+        if self.minillm.lm_coef > 0:
+            _check(
+                self.data.pretrain is not None,
+                "data.pretrain",
+                None,
+                "minillm.lm_coef > 0 needs a pretraining corpus (or set minillm.lm_coef=0)",
+            )
+        # The rollout's stored log-probabilities are the models' own (temperature 1, no truncation), which
+        # is what the rewards, weights and ratios need only under these settings (shared/reference, s. 11.8).
+        g = self.generation
+        plain = g.do_sample and g.temperature == 1.0 and g.top_k == 0 and g.top_p == 1.0
+        _check(
+            plain,
+            "generation",
+            f"temperature={g.temperature}, top_k={g.top_k}, top_p={g.top_p}, do_sample={g.do_sample}",
+            "loop: minillm samples its rollouts at temperature 1 without top-k/top-p (the scripts' settings)",
+        )
+        _check(
+            g.no_repeat_ngram_size == 0,
+            "generation.no_repeat_ngram_size",
+            g.no_repeat_ngram_size,
+            "must be 0 with loop: minillm (banned tokens would leave the rollout distribution)",
+        )
 
 
 # --------------------------------------------------------------------------------------------------------

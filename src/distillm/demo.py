@@ -7,7 +7,7 @@ Five stages, each writing its own folder under ``--out`` (default ``runs/demo``)
    suite) and ``init/`` (the student's short SFT, the start of every method);
 3. one run per method from that start with the same number of optimizer steps: ``sft/``, ``kd/``,
    ``seqkd/`` (after the teacher answered the training prompts: ``data/teacher.jsonl``), ``imitkd/``,
-   ``gkd/``, ``distillm-skl/`` and ``distillm-srkl/``;
+   ``gkd/``, ``distillm-skl/``, ``distillm-srkl/`` and ``minillm/`` (its own loop);
 4. ``eval/<model>/``: ``distillm evaluate`` on the test split with five sampling seeds, per model;
 5. ``report.md``, ``report.html`` and ``curves.png`` (``distillm.report``).
 
@@ -45,11 +45,11 @@ from distillm.data import read_examples, render_prompt, write_task_suite
 from distillm.data.template import template_segments
 from distillm.errors import UserError
 from distillm.evaluate import PAPER_GENERATION, evaluate_models, generate_predictions
+from distillm.loops import run_training
 from distillm.models import build_small_model, load_causal_lm, load_tokenizer
 from distillm.seqkd import teacher_rows, write_jsonl_atomic
 from distillm.storage import atomic_folder, atomic_write_text, remove_folder, verify_folder
 from distillm.tokenizer import train_bpe_tokenizer
-from distillm.train import train
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +153,10 @@ METHODS: tuple[Method, ...] = (
     Method("GKD", "gkd", "gkd"),
     Method("DistiLLM (SKL)", "distillm-skl", "distillm", ("objective.divergence=skew_forward_kl",)),
     Method("DistiLLM (SRKL)", "distillm-srkl", "distillm", ("objective.divergence=skew_reverse_kl",)),
+    Method("MiniLLM", "minillm", "minillm"),  # its own loop (loop: minillm), the same step budget
 )
+# The report's time-to-quality table: these runs' training seconds to reach KD's final dev ROUGE-L.
+TIME_TO_QUALITY = ("MiniLLM", "GKD", "ImitKD", "DistiLLM (SKL)", "DistiLLM (SRKL)")
 TEACHER, INIT = "teacher", "student init"
 
 
@@ -347,6 +350,7 @@ def common_overrides(
         f"train.save_every={every}",
         f"train.eval_rouge_rows={plan.eval_rouge_rows}",
         f"generation.max_new_tokens={plan.max_new_tokens}",
+        "train.log_every=1",  # every step's seconds: the report's time to quality adds them up
     ]
 
 
@@ -365,7 +369,7 @@ def train_preset(preset: str, overrides: Sequence[str]) -> None:
         remove_folder(
             out
         )  # leftovers of another configuration, or of a run killed before its first checkpoint
-    train(config)
+    run_training(config)
 
 
 def train_teacher(out: Path, plan: DemoPlan) -> None:
@@ -568,6 +572,8 @@ def write_demo_report(
         setup=setup,
         findings=report.findings(evaluation, dataset, TEACHER, "SFT", [m.name for m in METHODS]),
         group_scores=by_family,
+        quality_reference="KD",
+        quality_runs=list(TIME_TO_QUALITY),
     )
     paths = report.write_report(inputs, out)
     return DemoResult(out=out, report=paths, evaluation=evaluation, table_models=inputs.models)

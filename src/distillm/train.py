@@ -53,6 +53,7 @@ from distillm.distributed import Distributed
 from distillm.errors import UserError
 from distillm.evaluate import dev_loss, dev_rouge
 from distillm.faults import GracefulStop, TrainingStopped
+from distillm.loops import run_training
 from distillm.models import (
     apply_lora,
     check_same_tokenizer,
@@ -752,7 +753,7 @@ def run(args) -> int:
             raise UserError(
                 f"--resume: no checkpoint in {config.train.output_dir}/checkpoints to resume from"
             )
-    result = train(config)
+    result = run_training(config)
     logger.info(
         "done: %d steps in %s (best %s at step %s)",
         result.steps,

@@ -32,13 +32,16 @@ import math
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from distillm import IGNORE_INDEX
 from distillm.losses.divergences import reverse_kl
 from distillm.losses.reduction import masked_mean, token_cross_entropy
 
 __all__ = [
+    "chunked_token_objective",
     "clipped_policy_loss",
     "mixed_sampling_weights",
     "normalized_reward_to_go",
@@ -244,3 +247,37 @@ def sampled_reverse_kl(student_logprobs: Tensor, teacher_logprobs: Tensor, mask:
     _check_mask(mask, student_logprobs, teacher_logprobs)
     log_ratio = torch.where(mask, _wide(teacher_logprobs) - _wide(student_logprobs), 0.0)
     return torch.expm1(log_ratio) - log_ratio
+
+
+ChunkObjective = Callable[[Tensor, slice], Tensor]  # (logits [c, V] float32, rows) -> terms [K]
+
+
+def chunked_token_objective(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, objective: ChunkObjective, chunk_size: int
+) -> Tensor:
+    """``sum over row chunks of objective(hidden[rows] @ weight.T + bias, rows)``, never more than a chunk of logits.
+
+    ``hidden`` ``[N, H]`` (the student's final hidden states at the scored positions), ``weight`` ``[V, H]``,
+    ``objective`` maps a chunk's float32 logits ``[c, V]`` and its row slice to a vector of terms ``[K]``
+    (a sum over the chunk's tokens: the first term is the loss, the others are logged). Each chunk runs under
+    activation checkpointing: its ``[c, V]`` logits and the objective's intermediates are dropped after the
+    forward and recomputed in backward, so at a 50k vocabulary only one chunk's ``[c, V]`` tensors exist at a
+    time (one more head matmul per chunk than the dense path). The objective must be deterministic (it runs
+    twice); teacher logits it needs are best recomputed from the teacher's hidden states inside it.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    total = None
+    for start in range(0, hidden.shape[0], chunk_size):
+        rows = slice(start, start + chunk_size)
+        terms = checkpoint(_chunk_terms, hidden[rows], weight, bias, rows, objective, use_reentrant=False)
+        total = terms if total is None else total + terms
+    if total is None:  # no rows: the objective of nothing, with a zero gradient to the head
+        return objective(F.linear(hidden, weight, bias).float(), slice(0, 0))
+    return total
+
+
+def _chunk_terms(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, rows: slice, objective: ChunkObjective
+) -> Tensor:
+    return objective(F.linear(hidden, weight, bias).float(), rows)  # [c, V] fp32 for the softmaxes
