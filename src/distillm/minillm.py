@@ -1,7 +1,7 @@
 """MiniLLM's training loop (Gu et al., ICLR 2024): rollout cycles and PPO epochs over a rollout store.
 
 The sibling of ``distillm.train`` for ``loop: minillm`` (``shared/reference/minillm-method.md``). Read
-``_train`` from top to bottom: one optimizer step is
+``train`` from top to bottom: one optimizer step is
 
     (at a cycle's start) rollouts: ``minillm.num_rollouts`` prompts answered by ``generation.sample_mixed``
     from ``(1 - a) q_old + a p``, both models' log-probabilities kept -> the store
