@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +48,6 @@ from distillm.config import Config, MiniLLMConfig, save_config
 from distillm.data import collate
 from distillm.distributed import Distributed
 from distillm.errors import UserError
-from distillm.evaluate import dev_loss, dev_rouge
 from distillm.faults import GracefulStop, TrainingStopped
 from distillm.generation import sample_mixed
 from distillm.losses.minillm import (
@@ -94,6 +92,7 @@ from distillm.train import (
     count_tokens,
     keep_best,
     load_data,
+    measure_student,
     optimizer_step,
     seed_everything,
     synchronize,
@@ -740,27 +739,9 @@ def evaluate(run: MiniLLMRun, reference: bool = False) -> None:
     """Dev loss (and ROUGE-L) of the current student with the token loop's functions, logged; the best
     model so far is kept (``train.keep_best``). ``reference``: the untrained student's evaluation before
     step 1, only logged (as the token loop does: a run's best is one of its trained students)."""
-    config, distributed, step = run.config, run.distributed, run.state.step
+    step = run.state.step
     t0 = time.perf_counter()
-    student = distributed.whole_student(step)
-    evaluation: dict[str, float] = {}
-    if run.data.dev is not None:
-        evaluation["dev_loss"] = dev_loss(
-            student,
-            run.data.dev,
-            collate,
-            run.pad,
-            config.train.batch_size,
-            distributed.accelerator,
-            run.vocab_size,
-        )
-        evaluation["dev_ppl"] = math.exp(min(evaluation["dev_loss"], 50.0))
-    if config.train.eval_rouge and run.data.dev_examples:
-        evaluation["dev_rougeL"] = dev_rouge(
-            student, run.tokenizer, run.data.dev_examples, config, distributed, seed=config.seed
-        )
-    if evaluation:
-        logger.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in evaluation.items()))
+    evaluation = measure_student(run)
     run.metrics.write({"step": step, **evaluation})
     if not reference:
         run.state.seconds["evaluation"] += time.perf_counter() - t0

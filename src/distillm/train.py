@@ -560,12 +560,11 @@ def log_step(run: Run, batches: StepBatches, logged: Tensor, grad_norm, elapsed:
         run.metrics.write(row)
 
 
-def evaluate(run: Run, reference: bool = False) -> None:
-    """Dev loss (and ROUGE-L) of the current student, logged; the sources' schedule sees the dev loss, and
-    the best model so far is kept. ``reference``: the untrained student's evaluation before step 1 (only
-    logged and shown to the schedule)."""
+def measure_student(run) -> dict[str, float]:
+    """Dev loss, perplexity and (``train.eval_rouge``) dev ROUGE-L of the current whole student, logged;
+    shared by both loops (``run`` is either loop's run: config, distributed, data, tokenizer, pad, vocab_size,
+    state.step)."""
     config, distributed, step = run.config, run.distributed, run.state.step
-    t0 = time.perf_counter()
     student = distributed.whole_student(step)
     evaluation: dict[str, float] = {}
     if run.data.dev is not None:
@@ -585,6 +584,16 @@ def evaluate(run: Run, reference: bool = False) -> None:
         )
     if evaluation:
         logger.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in evaluation.items()))
+    return evaluation
+
+
+def evaluate(run: Run, reference: bool = False) -> None:
+    """Dev loss (and ROUGE-L) of the current student, logged; the sources' schedule sees the dev loss, and
+    the best model so far is kept. ``reference``: the untrained student's evaluation before step 1 (only
+    logged and shown to the schedule)."""
+    step = run.state.step
+    t0 = time.perf_counter()
+    evaluation = measure_student(run)
     if not reference:
         run.state.seconds["evaluation"] += time.perf_counter() - t0
         run.last_dev_loss = evaluation.get("dev_loss", run.last_dev_loss)
