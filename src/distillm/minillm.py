@@ -20,7 +20,6 @@ metrics are the token loop's own functions.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -41,7 +40,6 @@ from distillm.checkpoint import (
     checkpoint_name,
     find_resume,
     load_model_weights,
-    save_model,
     stopped_writing,
 )
 from distillm.config import Config, MiniLLMConfig, save_config
@@ -70,7 +68,6 @@ from distillm.models import (
     load_lora_student,
     load_tokenizer,
     merge_adapter,
-    merge_lora,
     shared_vocab_size,
 )
 from distillm.objective import (
@@ -81,7 +78,7 @@ from distillm.objective import (
     teacher_forward,
 )
 from distillm.optim import build_optimizer, build_scheduler
-from distillm.storage import StorageError, atomic_write_text, recover_replaced, storage_errors
+from distillm.storage import StorageError, recover_replaced, storage_errors
 from distillm.train import (
     BatchOrder,
     Cursor,
@@ -96,6 +93,7 @@ from distillm.train import (
     optimizer_step,
     seed_everything,
     synchronize,
+    write_final,
 )
 
 logger = logging.getLogger(__name__)
@@ -778,32 +776,16 @@ def save(run: MiniLLMRun) -> None:
 
 def finish(run: MiniLLMRun) -> TrainResult:
     """Write ``last/`` (and ``merged/`` for LoRA) and ``summary.json``, last: the run is done."""
-    config, distributed, state = run.config, run.distributed, run.state
+    distributed, state = run.distributed, run.state
     weights = distributed.student_state_dict()
-
-    def write_last() -> None:
-        model = distributed.student
-        extra = {"step": state.step, "dev_loss": run.last_dev_loss}
-        save_model(run.out / "last", model, run.tokenizer, state_dict=weights, extra=extra)
-        if config.model.lora.enabled and config.model.lora.merge_on_save:
-            save_model(run.out / "merged", merge_lora(model), run.tokenizer, extra=extra)
-        summary = {
-            "world_size": distributed.world_size,
-            "steps": state.step,
-            "cycles": state.cycle + 1,
-            "seconds": state.seconds,
-            "tokens": state.tokens_seen,
-        }
-        atomic_write_text(run.out / "summary.json", json.dumps(summary, indent=2))
-
-    try:
-        distributed.on_main(write_last, "the final model")
-    except StorageError as error:
-        raise stopped_writing(f"{run.out / 'last'}", error, state.step, run.out) from error
-    distributed.end()
-    return TrainResult(
-        run.out, state.step, state.best_metric, state.best_step, run.last_dev_loss, state.seconds, {}
-    )
+    summary = {
+        "world_size": distributed.world_size,
+        "steps": state.step,
+        "cycles": state.cycle + 1,
+        "seconds": state.seconds,
+        "tokens": state.tokens_seen,
+    }
+    return write_final(run, weights, summary, {})
 
 
 def _to_device(rollouts: RolloutBatch, device: torch.device) -> RolloutBatch:

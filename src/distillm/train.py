@@ -654,10 +654,25 @@ def save(run: Run) -> None:
 
 def finish(run: Run) -> TrainResult:
     """Write ``last/`` (and ``merged/`` for LoRA) and ``summary.json``, last: the run is done."""
-    config, distributed, state = run.config, run.distributed, run.state
+    distributed, state = run.distributed, run.state
     weights = distributed.student_state_dict()
     sources_by_rank = distributed.gather(",".join(run.all_sources))  # they must all be equal
     counts = {k: v for k, v in run.sources.counts.items() if v}
+    summary = {
+        "world_size": distributed.world_size,
+        "sources_by_rank": sources_by_rank,
+        "steps": state.step,
+        "seconds": state.seconds,
+        "source_counts": counts,
+        "tokens": state.tokens_seen,
+    }
+    return write_final(run, weights, summary, counts)
+
+
+def write_final(run, weights, summary: dict[str, Any], counts: dict[str, int]) -> TrainResult:
+    """On the main process: ``last/`` from ``weights`` (and ``merged/`` for LoRA), then ``summary.json``;
+    shared by both loops (``run`` is either loop's run)."""
+    config, distributed, state = run.config, run.distributed, run.state
 
     def write_last() -> None:
         model = distributed.student
@@ -665,14 +680,6 @@ def finish(run: Run) -> TrainResult:
         save_model(run.out / "last", model, run.tokenizer, state_dict=weights, extra=extra)
         if config.model.lora.enabled and config.model.lora.merge_on_save:
             save_model(run.out / "merged", merge_lora(model), run.tokenizer, extra=extra)
-        summary = {
-            "world_size": distributed.world_size,
-            "sources_by_rank": sources_by_rank,
-            "steps": state.step,
-            "seconds": state.seconds,
-            "source_counts": counts,
-            "tokens": state.tokens_seen,
-        }
         atomic_write_text(run.out / "summary.json", json.dumps(summary, indent=2))
 
     try:
