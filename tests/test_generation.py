@@ -670,6 +670,55 @@ def test_mixed_sampling_stops_each_row_at_its_eos_masks_after_it_and_restores_th
         sample_mixed(student, teacher, prompts, mask, GenerationConfig(max_new_tokens=6), 1.2, eos, PAD)
 
 
+class Bigram(nn.Module):
+    """A model whose next-token logits are a fixed table's row of the last token: the same numbers whatever
+    else is in the batch, so row-by-row comparisons of samples are exact."""
+
+    def __init__(self, vocab: int, seed: int):
+        super().__init__()
+        self.table = torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(seed)) * 2
+
+    def forward(
+        self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=True
+    ):
+        return SimpleNamespace(logits=self.table[input_ids])
+
+
+def test_with_a_generator_per_row_each_row_draws_the_same_response_in_any_batch():
+    """MiniLLM's rollouts: row i draws from generator i only, so it gets the same response alone, in a batch,
+    or in a batch in another order (what makes 2 processes sample like 1)."""
+    student, teacher = Bigram(12, seed=1), Bigram(12, seed=2)
+    prompts, mask = left_padded_prompts([3, 1, 5, 2], vocab=12, seed=7)
+    config = GenerationConfig(max_new_tokens=16)
+
+    def draw(rows: list[int]):
+        generators = [torch.Generator().manual_seed(100 + row) for row in rows]
+        width = int(mask[rows].sum(-1).max())  # left padding of this batch only
+        return sample_mixed(
+            student, teacher, prompts[rows, -width:], mask[rows, -width:], config, 0.2, EOS, PAD, generators
+        )
+
+    together = draw([0, 1, 2, 3])
+    assert together.mask.sum(-1).min() < together.mask.shape[1]  # some rows stopped at EOS before others
+    for row in range(4):
+        alone = draw([row])
+        length = int(alone.mask.sum())
+        assert torch.equal(alone.tokens[0, :length], together.tokens[row, :length]), row
+        assert int(together.mask[row].sum()) == length
+    reordered = draw([3, 1, 0, 2])
+    assert torch.equal(reordered.tokens, together.tokens[[3, 1, 0, 2], : reordered.tokens.shape[1]])
+    with pytest.raises(ValueError, match="3 row generators for a batch of 4 rows"):
+        sample_mixed(student, teacher, prompts, mask, config, 0.2, EOS, PAD, [torch.Generator()] * 3)
+    # One generator for the batch draws row by row from one stream: a row's response depends on its company.
+    shared = sample_mixed(
+        student, teacher, prompts, mask, config, 0.2, EOS, PAD, torch.Generator().manual_seed(5)
+    )
+    alone = sample_mixed(
+        student, teacher, prompts[[2]], mask[[2]], config, 0.2, EOS, PAD, torch.Generator().manual_seed(5)
+    )
+    assert not torch.equal(alone.tokens[0], shared.tokens[2, : alone.tokens.shape[1]])
+
+
 def test_mixed_samples_real_tokens_are_the_supervised_tokens_of_their_training_batch(gpt2, gpt2_teacher):
     """The loop trains on `samples_to_batch`: its supervised labels, row by row, are the mask's tokens."""
     prompts, prompt_mask = left_padded_prompts([4, 8, 2], seed=6)

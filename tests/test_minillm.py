@@ -214,8 +214,11 @@ def peaked_teacher(folder: Path, out: Path, factor: float = 6.0) -> Path:
 def test_a_few_minillm_steps_lower_the_students_sequence_reverse_kl_beyond_its_noise(
     task_data, quiet_pair, tmp_path
 ):
-    """16 steps (two rollout cycles) against a peaked teacher: the sequence-level KL(q || p) on 16 fixed prompts,
-    estimated from 64 fresh samples per prompt, falls by more than four standard errors of the difference."""
+    """32 steps (four rollout cycles) against a peaked teacher: the sequence-level KL(q || p) on 16 fixed prompts,
+    estimated from 64 fresh samples per prompt, falls by more than four standard errors of the difference.
+
+    Measured on an AMD EPYC with seeds 3-6: falls by 20-33 standard errors at lr 1e-2 (12-15 at 3e-3). At lr
+    3e-2 it rose for three of those four seeds: too large a step for PPO on 8 rollouts, not a test of the loss."""
     from distillm.minillm import left_pad, train
     from distillm.models import load_causal_lm, load_tokenizer
     from distillm.train import load_data
@@ -227,7 +230,7 @@ def test_a_few_minillm_steps_lower_the_students_sequence_reverse_kl_beyond_its_n
         quiet_pair["student"],
         teacher_dir,
         out,
-        **{"train.max_steps": 16, "train.lr": 3e-2, "train.eval_every": 16, "train.save_every": 16},
+        **{"train.max_steps": 32, "train.lr": 1e-2, "train.eval_every": 32, "train.save_every": 32},
     )
     train(config)
     tokenizer = load_tokenizer(str(quiet_pair["student"]))
@@ -249,10 +252,11 @@ def test_a_few_minillm_steps_lower_the_students_sequence_reverse_kl_beyond_its_n
     assert drop > 4 * noise, (float(before.mean()), float(after.mean()), noise)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
-    assert [r["step"] for r in steps] == list(range(1, 17))
-    assert [r["cycle"] for r in steps] == [0] * 8 + [1] * 8  # 8 rollouts / batch 4 = 2 steps x 4 PPO epochs
+    assert [r["step"] for r in steps] == list(range(1, 33))
+    # 8 rollouts / batch 4 = 2 steps x 4 PPO epochs per cycle
+    assert [r["cycle"] for r in steps] == [c for c in range(4) for _ in range(8)]
     assert [r["ppo_epoch"] for r in steps[:8]] == [0, 0, 1, 1, 2, 2, 3, 3]
-    assert all(r["generation_s"] > 0 for r in (steps[0], steps[8]))
+    assert all(steps[i]["generation_s"] > 0 for i in (0, 8, 16, 24))
 
 
 def test_a_lora_student_trains_its_adapter_only(task_data, quiet_pair, tmp_path):
@@ -326,7 +330,7 @@ def test_a_minillm_run_killed_mid_way_resumes_to_the_same_weights(
     process.wait()
     assert not (killed / "last").exists(), "the run finished before it could be killed"
     saved = load_trainer_state(list_checkpoints(killed)[-1])
-    assert saved["train"]["cycle_step"] == 3 and len(saved["processes"][0]["store"]) == 8
+    assert saved["train"]["cycle_step"] == 3 and len(saved["store"]) == 8
 
     resumed = subprocess.run(command(killed, resume=True), env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -387,9 +391,10 @@ def test_a_store_smaller_than_one_step_is_refused_naming_the_fields(task_data, q
 
 
 # --------------------------------------------------------------------------------------------------------
-# Several processes (tests/test_distributed.py's launchers and bounds). Rollouts are drawn per process, so a
-# two-process run is compared with another two-process run of the same samples: DeepSpeed ZeRO-3 (sharded
-# student, whole copy for sampling, chunked loss) against plain data parallelism.
+# Several processes (tests/test_distributed.py's launchers and bounds). Each rollout draws from a generator
+# keyed by its prompt's place in the run and every process gets the whole store, so two processes of batch 2
+# train like one process of batch 4; DeepSpeed ZeRO-1/2/3 (ZeRO-3: sharded student, whole copy for sampling,
+# chunked loss) like plain data parallelism.
 
 DISTRIBUTED = {
     "train.batch_size": 2,
@@ -400,6 +405,10 @@ DISTRIBUTED = {
     "train.select_by": "dev_loss",
     "minillm.num_rollouts": 8,  # 4 per process: 2 steps per PPO epoch
     "generation.max_new_tokens": 6,
+    # Each prompt sampled alone: the same shapes on 1 and 2 processes, so the same logits bit for bit and no
+    # token drawn near a CDF bin edge can flip between them (that batching does not matter otherwise:
+    # tests/test_generation.py, the per-row generators).
+    "generation.batch_size": 1,
 }
 
 
@@ -425,14 +434,39 @@ def data_parallel_run(task_data, quiet_pair, tmp_path_factory) -> Path:
     return run
 
 
-def test_two_data_parallel_processes_run_minillm_with_their_own_rollouts(data_parallel_run):
+@pytest.fixture(scope="module")
+def one_process_runs(task_data, quiet_pair, tmp_path_factory) -> tuple[Path, Path]:
+    """One process: micro-batch 4 (the global batch of 2 processes x 2), and its twin 2 x accumulation 2
+    (the same step split otherwise: how far two correct runs drift apart by rounding alone)."""
+    folder = tmp_path_factory.mktemp("minillm-one")
+    runs = folder / "batch4", folder / "accumulation2"
+    for run, extra in zip(runs, ({"train.batch_size": 4}, {"train.batch_size": 2, "train.grad_accum": 2})):
+        args = minillm_overrides(task_data, quiet_pair["student"], quiet_pair["teacher"], run, **DISTRIBUTED)
+        launch_minillm([sys.executable], args + [f"{k}={v}" for k, v in extra.items()])
+    return runs
+
+
+def test_two_data_parallel_processes_run_minillm_like_one_process(
+    data_parallel_run, one_process_runs, quiet_pair
+):
+    one, twin = one_process_runs
+    from test_distributed import assert_same_run, weights
+
     summary = json.loads((data_parallel_run / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 4
+    assert json.loads((one / "summary.json").read_text())["world_size"] == 1
     rows = [json.loads(line) for line in (data_parallel_run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
-    # 2 processes x 2 rollouts per micro-batch: the step's tokens are both processes' (whitened together).
-    assert all(r["tokens"] > 2 * 2 for r in steps)
     assert [r["cycle"] for r in steps] == [0, 0, 0, 0] and [r["ppo_epoch"] for r in steps] == [0, 0, 1, 1]
+    # The same rollouts (each process sampled half of them): the same tokens per step and rollout statistics.
+    reference = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
+    reference_steps = [r for r in reference if "loss" in r]
+    assert [r["tokens"] for r in steps] == [r["tokens"] for r in reference_steps]
+    assert steps[0]["rollout_length"] == reference_steps[0]["rollout_length"]
+    assert_same_run(one, data_parallel_run, spread=twin)
+    # The runs moved the weights by far more than the tolerance, so the agreement is not vacuous.
+    start, trained = weights(Path(quiet_pair["student"])), weights(one / "last")
+    assert max((trained[k] - start[k]).abs().max().item() for k in trained) > 1e-3
 
 
 @pytest.mark.slow
@@ -442,7 +476,7 @@ def test_deepspeed_zero_runs_minillm_like_data_parallel(
     stage, task_data, quiet_pair, data_parallel_run, tmp_path
 ):
     """ZeRO-1/2/3 on 2 CPU processes: the same samples, losses and weights as the data-parallel run (within
-    test_distributed.py's bounds). ZeRO-1/2 as micro-batch 1 x accumulation 2 (the step whitens and normalises
+    test_distributed.py's bounds; 2 processes against 2, the closest twin). ZeRO-1/2 as micro-batch 1 x accumulation 2 (the step whitens and normalises
     the same tokens as batch 2 x 1); ZeRO-3 with the chunked loss, its rollouts from the whole student copy."""
     from test_distributed import assert_same_run, deepspeed_launcher
 

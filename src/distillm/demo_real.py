@@ -45,15 +45,13 @@ logger = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------------------
 # The plan.
 #
-# How the full plan was sized: from the pilot in ENVIRONMENT.md (Intel Xeon, 2 threads, fp32), per stage on
-# 2 idle cores: converting the GGUF ~0.5-1 min; the teacher 120 steps of batch 8 at lr 5e-5, 6.5 min (dev loss
-# 1.92 -> 0.39); the student's init 150 steps at lr 3e-4, 2.5 min (18.9 -> 1.50); per method 100 steps at lr
-# 1e-4: SFT 1.5 min, KD 2.7, DistiLLM 2.9 (17 of 100 batches fresh samples at ~5 s each), SeqKD ~1.5 (plus the
-# teacher answering 400 prompts, ~1.5), GKD ~5 (half its batches are fresh samples), ImitKD ~8 (every batch);
-# evaluation ~10-15 s per model and seed on 130 test rows at 48 new tokens once the models stop at EOS
-# (9 models x 3 seeds ~6 min). Together ~45 minutes, which leaves room for in-training evaluations and a
-# slower CPU inside the hour. 130 test rows (10 per family) and 3 seeds: the pilot's 104 rows and 2 seeds
-# left seed spreads of 1-3 points.
+# How the full plan was sized. A first plan, from the pilot in ENVIRONMENT.md (Intel Xeon, 2 threads, fp32:
+# the teacher's 120 steps 6.5 min, the init's 150 steps 2.5 min, per method 100 steps 1.5 (SFT) to 8 (ImitKD)
+# min, evaluation 10-15 s per model and seed), came to ~45 minutes there, but ran 1.85x slower on an AVX2-only
+# AMD EPYC (the teacher's step 5-6 s instead of 3.3), ~90 minutes with MiniLLM. This plan fits the slower
+# machine: the teacher 80 steps, the init 100, every method 50, 104 test rows (8 per family) x 3 seeds, SeqKD
+# on 240 teacher answers: ~55 minutes on the EPYC by those per-step costs (the report gives the measured
+# stage times), ~30 on the pilot's Xeon.
 
 
 @dataclass(frozen=True)
@@ -84,20 +82,20 @@ class RealPlan:
 FULL_REAL_PLAN = RealPlan(
     n_train=2000,
     n_dev=64,
-    n_test=130,
+    n_test=104,
     student_layers=(0, 6, 12, 17, 23, 29),
     batch_size=8,
-    teacher_steps=120,
+    teacher_steps=80,
     teacher_lr=5e-5,
-    init_steps=150,
+    init_steps=100,
     init_lr=3e-4,
-    method_steps=100,
+    method_steps=50,
     method_lr=1e-4,
     method_evals=2,
     eval_rouge_rows=48,
-    seqkd_rows=400,
+    seqkd_rows=240,
     max_new_tokens=48,
-    replay_capacity=80,  # 10 batches: fills within a 100-step run (the pilot's setting)
+    replay_capacity=40,  # 5 batches: fills within a 50-step run
     teacher_dtype="auto",  # bf16 where the CPU has bf16 matrix instructions: see teacher_dtype_here
     eval_seeds=(10, 20, 30),
 )

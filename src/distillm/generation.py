@@ -28,6 +28,10 @@ from distillm.models import has_plain_head
 
 logger = logging.getLogger(__name__)
 
+# Where the sampling randomness comes from: one generator for the batch (None: the global RNG), or one per row
+# (MiniLLM's rollouts: each keyed by its prompt's place in the run, so batching and processes do not matter).
+Generators = torch.Generator | list[torch.Generator] | None
+
 # Heads of at least this many weights are applied as W @ h^T (see `_LastLogits`); below it F.linear is as fast.
 _TRANSPOSED_HEAD_MIN_SIZE = 1 << 22
 # Packing the weights for decoding (`FastDecoder.pack_weights`) costs a few unpacked steps and saves part of
@@ -202,7 +206,7 @@ def sample_mixed(
     teacher_mix_alpha: float,
     eos_token_id: int,
     pad_token_id: int,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> MixedSamples:
     """Sample responses from the mixture ``(1 - alpha) q + alpha p`` of student ``q`` and teacher ``p``.
 
@@ -216,6 +220,8 @@ def sample_mixed(
     ``alpha = 1`` those it draws from the teacher (without top-p; the nucleus is formed in another token
     order there, same distribution). Models with different logits widths (a padded vocabulary) are cut to
     the narrower one. Both models run in eval mode without gradients and get their modes back afterwards.
+    ``generator`` may be a list of one generator per row: row ``i`` then draws only from ``generator[i]``, so
+    its response is the same whichever rows share its batch (up to the rounding of its logits).
     """
     if not 0.0 <= teacher_mix_alpha <= 1.0:
         raise ValueError(f"teacher_mix_alpha must be in [0, 1], got {teacher_mix_alpha!r}")
@@ -251,7 +257,7 @@ def _decode_mixed(
     alpha: float,
     eos_token_id: int,
     pad_token_id: int,
-    generator: torch.Generator | None,
+    generator: Generators,
 ) -> MixedSamples:
     """The decoding loop of :func:`sample_mixed` (already under inference mode)."""
     batch_size = prompt_ids.shape[0]
@@ -302,7 +308,7 @@ def _next_mixed_token(
     teacher_logits: Tensor,
     alpha: float,
     config: GenerationConfig,
-    generator: torch.Generator | None,
+    generator: Generators,
 ) -> Tensor:
     """One token per row from ``(1 - alpha) q + alpha p`` of the processed distributions. ``[B, V]`` x2 -> ``[B]``."""
     mixture = (1.0 - alpha) * _processed_probs(student_logits, config) + alpha * _processed_probs(
@@ -395,7 +401,7 @@ def _next_token(logits: Tensor, config: GenerationConfig, generator: torch.Gener
     return _sample_categorical(logits.softmax(-1), generator)
 
 
-def _sample_categorical(probs: Tensor, generator: torch.Generator | None, block: int = 256) -> Tensor:
+def _sample_categorical(probs: Tensor, generator: Generators, block: int = 256) -> Tensor:
     """One draw per row from unnormalised probabilities ``[B, V]`` by inverse CDF. Returns ``[B]`` long.
 
     One uniform number per row instead of ``torch.multinomial``'s work over the whole vocabulary. The CDF is
@@ -407,8 +413,7 @@ def _sample_categorical(probs: Tensor, generator: torch.Generator | None, block:
     padding = (-vocab) % block
     blocks = (F.pad(probs, (0, padding)) if padding else probs).view(batch, -1, block)  # [B, nb, block]
     block_cdf = blocks.sum(-1, dtype=torch.float64).cumsum(-1)  # [B, nb]
-    rand_device = generator.device if generator is not None else probs.device
-    u = torch.rand(batch, 1, generator=generator, dtype=torch.float64, device=rand_device).to(probs.device)
+    u = _uniforms(batch, generator, probs.device)  # [B, 1]
     u = u * block_cdf[:, -1:]  # [B, 1], in [0, total)
     # right=True: the first bin whose CDF exceeds u, so a zero-probability bin is never chosen.
     chosen = torch.searchsorted(block_cdf, u, right=True).clamp_max_(block_cdf.shape[1] - 1)  # [B, 1]
@@ -419,6 +424,18 @@ def _sample_categorical(probs: Tensor, generator: torch.Generator | None, block:
     offset = torch.minimum(u - mass_before, inner_cdf[:, -1:] * (1 - 1e-12))
     within = torch.searchsorted(inner_cdf, offset, right=True).clamp_max_(block - 1)  # [B, 1]
     return (chosen * block + within).squeeze(-1).clamp_max_(vocab - 1)
+
+
+def _uniforms(batch: int, generator: Generators, device: torch.device) -> Tensor:
+    """One float64 uniform number per row, ``[B, 1]``: from one generator for the whole batch, or from row
+    ``i``'s own generator (``generator[i]``), so that a row's draws do not depend on the other rows."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != batch:
+            raise ValueError(f"{len(generator)} row generators for a batch of {batch} rows")
+        u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64, device=g.device) for g in generator])
+        return u.to(device)[:, None]
+    rand_device = generator.device if generator is not None else device
+    return torch.rand(batch, 1, generator=generator, dtype=torch.float64, device=rand_device).to(device)
 
 
 class _NgramBan:

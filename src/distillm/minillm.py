@@ -11,15 +11,18 @@ The sibling of ``distillm.train`` for ``loop: minillm`` (``shared/reference/mini
        forward and loss ``L_pg + L_reg + lm_coef L_pt`` -> backward
     -> clip, optimizer and scheduler step -> log / evaluate / keep the best / checkpoint.
 
-After ``minillm.ppo_epochs`` passes over the store the next step collects new rollouts. Everything that
-decides what comes next (the store, the position in the PPO epochs, the prompt and pretraining cursors, the
-sampling generator and every RNG) is in each checkpoint, so a killed run resumes to the same weights.
+After ``minillm.ppo_epochs`` passes over the store the next step collects new rollouts. Each rollout draws
+from a generator keyed by its prompt's place in the run (not by process or batch), every process gets the
+whole store, and the PPO shuffle is one for all processes: two processes of batch 2 train like one of batch 4.
+Everything that decides what comes next (the store, the position in the PPO epochs, the prompt and
+pretraining cursors and every RNG) is in each checkpoint, so a killed run resumes to the same weights.
 The loss terms are ``distillm.losses.minillm``'s; evaluation, best-checkpoint keeping, checkpoints and
 metrics are the token loop's own functions.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -133,6 +136,14 @@ def left_pad(prompts: list[list[int]], pad_token_id: int) -> tuple[Tensor, Tenso
     return ids, mask
 
 
+def rollout_generator(seed: int, epoch: int, position: int) -> torch.Generator:
+    """The sampling generator of the rollout of the prompt at ``position`` of the prompt order's ``epoch``: a
+    function of the run's seed and that place only, so the same prompt draws the same response whichever
+    process or batch answers it."""
+    key = hashlib.sha256(f"minillm-rollout/{seed}/{epoch}/{position}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(key[:8], "little"))
+
+
 def collect_rollouts(
     student: nn.Module,
     teacher: nn.Module,
@@ -140,14 +151,18 @@ def collect_rollouts(
     config: Config,
     eos_token_id: int,
     pad_token_id: int,
-    generator: torch.Generator,
+    generators: torch.Generator | list[torch.Generator],
     device: torch.device,
 ) -> list[Rollout]:
-    """Sample one teacher-mixed response per prompt (``generation.batch_size`` prompts at a time)."""
+    """Sample one teacher-mixed response per prompt (``generation.batch_size`` prompts at a time), from one
+    generator, or from ``generators[i]`` alone for prompt ``i`` (the loop's: then batching does not matter)."""
     rollouts: list[Rollout] = []
     size = config.generation.batch_size
     for start in range(0, len(prompts), size):
         ids, mask = left_pad(prompts[start : start + size], pad_token_id)
+        batch_generators = (
+            generators[start : start + size] if isinstance(generators, (list, tuple)) else generators
+        )
         samples = sample_mixed(
             student,
             teacher,
@@ -157,7 +172,7 @@ def collect_rollouts(
             config.minillm.teacher_mix_alpha,
             eos_token_id,
             pad_token_id,
-            generator,
+            batch_generators,
         )
         for row, prompt in enumerate(prompts[start : start + size]):
             real = samples.mask[row]  # [N]: the response up to its first EOS
@@ -383,9 +398,10 @@ def total_optimizer_steps(config: Config, shape: Geometry, prompt_rows: int, wor
     return cycles * shape.steps_per_cycle
 
 
-def ppo_order(seed: int, rank: int, cycle: int, epoch: int, size: int) -> list[int]:
-    """The store's shuffled order in PPO epoch ``epoch`` of ``cycle`` on process ``rank`` (deterministic)."""
-    generator = torch.Generator().manual_seed(((seed * 1_000_003 + rank) * 100_003 + cycle) * 101 + epoch)
+def ppo_order(seed: int, cycle: int, epoch: int, size: int) -> list[int]:
+    """The store's shuffled order in PPO epoch ``epoch`` of ``cycle`` (deterministic; the same on every
+    process, which each take their share of a step's rows from it)."""
+    generator = torch.Generator().manual_seed((seed * 100_003 + cycle) * 101 + epoch)
     return torch.randperm(size, generator=generator).tolist()
 
 
@@ -444,9 +460,8 @@ class MiniLLMRun:
     objective: nn.Module  # the MiniLLMObjective; after ``Distributed.prepare``, its engine
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    sampling: torch.Generator  # this process's rollout sampling stream
     state: MiniLLMState = field(default_factory=MiniLLMState)
-    store: list[Rollout] = field(default_factory=list)
+    store: list[Rollout] = field(default_factory=list)  # the whole cycle's, every process's rollouts
     metrics: MetricsLog | None = None
     last_dev_loss: float | None = None
 
@@ -507,13 +522,11 @@ def setup(config: Config) -> MiniLLMRun:
         objective=objective,
         optimizer=optimizer,
         scheduler=build_scheduler(optimizer, total_steps, config.train),
-        # Rollouts draw differently on every process, from a stream of their own.
-        sampling=torch.Generator().manual_seed(config.seed * 7919 + 2 + 104_729 * rank),
     )
 
 
 def restore(run: MiniLLMRun, resumed: Resumed) -> None:
-    """Weights, optimizer, scheduler, position, this process's store and sampling stream (before ``prepare``)."""
+    """Weights, optimizer, scheduler, position and the store (before ``prepare``)."""
     saved = resumed.trainer_state
     if saved.get("loop") != "minillm":
         raise UserError(
@@ -523,9 +536,7 @@ def restore(run: MiniLLMRun, resumed: Resumed) -> None:
     load_model_weights(run.objective.student, resumed.checkpoint)
     run.distributed.load_optimizer_state(run.optimizer, saved["optimizer"], resumed.checkpoint)
     run.scheduler.load_state_dict(saved["scheduler"])
-    mine = resumed.process
-    run.sampling.set_state(mine["sampling"])
-    run.store = [Rollout(**row) for row in mine["store"]]
+    run.store = [Rollout(**row) for row in saved["store"]]
     run.state = MiniLLMState.from_dict(saved["train"])
     logger.info("resumed from %s (step %d, cycle %d)", resumed.checkpoint, run.state.step, run.state.cycle)
 
@@ -596,19 +607,25 @@ def train(config: Config) -> TrainResult:
 
 
 def rollout(run: MiniLLMRun) -> dict[str, float]:
-    """A new rollout cycle: the next ``rollouts_per_process`` prompts answered from the teacher-student
-    mixture by the current student, into the store. Returns the cycle's statistics and its seconds."""
-    state, distributed = run.state, run.distributed
+    """A new rollout cycle: each process answers its ``rollouts_per_process`` next prompts from the
+    teacher-student mixture of the current student, each prompt from its own keyed generator; the store is
+    every process's rollouts, in the prompt order (the same on every process, and the same store one process
+    collects alone). Returns the cycle's statistics and its seconds."""
+    state, distributed, world = run.state, run.distributed, run.distributed.world_size
     t0 = time.perf_counter()
     sampler = distributed.whole_student(state.step)
-    prompts = []
+    prompts, generators = [], []
     for _ in range(run.shape.rollouts_per_process):
         epoch, index = state.prompts.advance(run.prompt_order)
         prompts.append(run.data.train[run.prompt_order.indices(epoch, index)[0]][0])
+        # The prompt's place in the epoch's order, counted over all processes (BatchOrder's interleaving).
+        generators.append(rollout_generator(run.config.seed, epoch, index * world + distributed.rank))
     eos = run.tokenizer.eos_token_id
-    run.store = collect_rollouts(
-        sampler, run.teacher, prompts, run.config, eos, run.pad, run.sampling, distributed.device
+    mine = collect_rollouts(
+        sampler, run.teacher, prompts, run.config, eos, run.pad, generators, distributed.device
     )
+    every = distributed.gather(mine)  # [rank][i]: prompt i * world + rank of the cycle
+    run.store = [every[rank][i] for i in range(len(mine)) for rank in range(world)]
     state.cycle, state.cycle_step = state.cycle + 1, 0
     synchronize(distributed.device)
     return {**rollout_statistics(run.store, run.config.minillm), "generation_s": time.perf_counter() - t0}
@@ -630,23 +647,23 @@ class PPOBatches:
 
 
 def step_batches(run: MiniLLMRun) -> PPOBatches:
-    """This step's micro-batches: the store in its PPO epoch's shuffled order; advantages whitened over the
-    step's rollout tokens on every process (so batch 4 x accumulation 1, 2 x 2 and two processes of 2 whiten
-    and normalise the same tokens); the pretraining chunks."""
+    """This step's micro-batches: the next ``batch_size x grad_accum x world_size`` rows of the store in its
+    PPO epoch's shuffled order, micro-batch ``k`` of process ``r`` the ``k * world_size + r``-th slice of
+    ``batch_size``; advantages whitened over the step's rollout tokens on every process (so batch 4 x
+    accumulation 1, 2 x 2 and two processes of 2 train on, whiten and normalise the same tokens); the
+    pretraining chunks."""
     config, state, distributed = run.config, run.state, run.distributed
     epoch, index = divmod(state.cycle_step, run.shape.steps_per_epoch)
-    order = ppo_order(config.seed, distributed.rank, state.cycle, epoch, len(run.store))
-    size, accumulation = config.train.batch_size, config.train.grad_accum
-    first = index * size * accumulation
+    order = ppo_order(config.seed, state.cycle, epoch, len(run.store))
+    size, accumulation, world = config.train.batch_size, config.train.grad_accum, distributed.world_size
+    first = index * size * accumulation * world
+
+    def rows(k: int) -> list[Rollout]:
+        start = first + (k * world + distributed.rank) * size
+        return [run.store[i] for i in order[start : start + size]]
+
     micro = [
-        _to_device(
-            rollout_batch(
-                [run.store[i] for i in order[first + k * size : first + (k + 1) * size]],
-                config.minillm,
-                run.pad,
-            ),
-            distributed.device,
-        )
+        _to_device(rollout_batch(rows(k), config.minillm, run.pad), distributed.device)
         for k in range(accumulation)
     ]
     reward_to_go = torch.cat([m.reward_to_go for m in micro])  # [N_step]
@@ -748,22 +765,16 @@ def evaluate(run: MiniLLMRun, reference: bool = False) -> None:
 
 
 def save(run: MiniLLMRun) -> None:
-    """A resumable checkpoint of this step: weights, optimizer, scheduler, the loop's position and, per
-    process, its rollout store (while PPO epochs on it remain), its sampling stream and every RNG."""
+    """A resumable checkpoint of this step: weights, optimizer, scheduler, the loop's position, the rollout
+    store (while PPO epochs on it remain; the same on every process) and every process's RNGs."""
     distributed, state = run.distributed, run.state
     pending = state.cycle_step < run.shape.steps_per_cycle  # the store is still needed after a resume
-    per_process = distributed.gather(
-        {
-            "store": [r.to_dict() for r in run.store] if pending else [],
-            "sampling": run.sampling.get_state(),
-            "rng": capture_rng_state(),
-        }
-    )
     trainer_state = {
         "loop": "minillm",
         "optimizer": distributed.optimizer_state(run.optimizer),
         "scheduler": run.scheduler.state_dict(),
-        "processes": per_process,
+        "processes": distributed.gather({"rng": capture_rng_state()}),
+        "store": [r.to_dict() for r in run.store] if pending else [],
         "train": state.to_dict(),
     }
     try:
