@@ -257,6 +257,9 @@ def test_a_few_minillm_steps_lower_the_students_sequence_reverse_kl_beyond_its_n
     assert [r["cycle"] for r in steps] == [c for c in range(4) for _ in range(8)]
     assert [r["ppo_epoch"] for r in steps[:8]] == [0, 0, 1, 1, 2, 2, 3, 3]
     assert all(steps[i]["generation_s"] > 0 for i in (0, 8, 16, 24))
+    # The report's sources: each cycle's first PPO pass (2 steps) on fresh rollouts, the 3 later passes reuse them.
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["cycles"] == 4 and summary["source_counts"] == {"fresh": 8, "replay": 24}
 
 
 def test_a_lora_student_trains_its_adapter_only(task_data, quiet_pair, tmp_path):

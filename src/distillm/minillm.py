@@ -789,14 +789,19 @@ def finish(run: MiniLLMRun) -> TrainResult:
     """Write ``last/`` (and ``merged/`` for LoRA) and ``summary.json``, last: the run is done."""
     distributed, state = run.distributed, run.state
     weights = distributed.student_state_dict()
+    # Steps on a cycle's rollouts in their first PPO pass count as fresh samples, the later passes as replayed:
+    # the token loop's source names, so reports compare the two loops' use of student-generated text.
+    first_pass = sum(s % run.shape.steps_per_cycle < run.shape.steps_per_epoch for s in range(state.step))
+    counts = {k: v for k, v in (("fresh", first_pass), ("replay", state.step - first_pass)) if v}
     summary = {
         "world_size": distributed.world_size,
         "steps": state.step,
         "cycles": state.cycle + 1,
         "seconds": state.seconds,
+        "source_counts": counts,
         "tokens": state.tokens_seen,
     }
-    return write_final(run, weights, summary, {})
+    return write_final(run, weights, summary, counts)
 
 
 def _to_device(rollouts: RolloutBatch, device: torch.device) -> RolloutBatch:

@@ -537,6 +537,12 @@ def build_blocks(inputs: ReportInputs, plot_name: str) -> list[Block]:
         Paragraph(
             "Micro-batches per source: the dataset, fresh student samples, or samples replayed from the buffer "
             "(DistiLLM's adaptive off-policy schedule; phi is its probability of student-generated outputs)."
+            + (
+                " MiniLLM trains only on its teacher-mixed rollouts: a step in a cycle's first PPO pass over them "
+                "counts as fresh, a step of the later passes over the same rollouts as replayed."
+                if any("cycles" in run.summary for run in method_runs)
+                else ""
+            )
         ),
         source_table(method_runs),
         Heading("Example answers"),
