@@ -205,8 +205,13 @@ def test_time_to_quality_adds_up_each_steps_seconds_until_the_first_evaluation_a
         ],
         {},
     )
+    # Its starting student (step 0) scored above KD's final and above what the run reached: neither counts.
     never = RunRecord(
-        "never", steps(4, 0.0, 0.0, 1.0) + [{"step": 4, "dev_loss": 1.0, "dev_rougeL": 10.0}], {}
+        "never",
+        [{"step": 0, "dev_loss": 1.0, "dev_rougeL": 25.0}]
+        + steps(4, 0.0, 0.0, 1.0)
+        + [{"step": 4, "dev_loss": 1.0, "dev_rougeL": 10.0}],
+        {},
     )
     table = time_to_quality_table([kd, fast, never], kd, ["fast", "never"])
     # fast: KD's final 20 first reached at step 2 = 2 x (1 + 0.5 + 0.25) s; its best 30 at step 4.

@@ -295,18 +295,24 @@ def training_seconds(run: RunRecord) -> dict[int, tuple[float, float, float]]:
     return cumulative
 
 
+def _trained_scores(run: RunRecord) -> list[dict[str, Any]]:
+    """The run's evaluations with a dev ROUGE-L after at least one step: the step-0 evaluation of the
+    starting student is a reference, not something the run reached (as for the best checkpoint)."""
+    return [row for row in run.evaluations if row.get("dev_rougeL") is not None and row.get("step", 0) > 0]
+
+
 def _first_reaching(run: RunRecord, target: float) -> dict[str, Any] | None:
-    """The first evaluation with dev ROUGE-L >= ``target`` and the training seconds spent until then."""
+    """The first trained evaluation with dev ROUGE-L >= ``target`` and the training seconds spent until then."""
     seconds = training_seconds(run)
-    for row in run.evaluations:
-        if row.get("dev_rougeL") is not None and row["dev_rougeL"] >= target and row["step"] in seconds:
+    for row in _trained_scores(run):
+        if row["dev_rougeL"] >= target and row["step"] in seconds:
             return {"step": row["step"], "seconds": seconds[row["step"]]}
     return None
 
 
 def time_to_quality_table(runs: Sequence[RunRecord], reference: RunRecord, names: Sequence[str]) -> Table:
     """Training wall seconds (generation / teacher / student; evaluation excluded) for each run in ``names``
-    to first reach ``reference``'s final dev ROUGE-L, and to reach its own best."""
+    to first reach ``reference``'s final dev ROUGE-L, and to reach its own best (both after step 0)."""
     evaluated = [r["dev_rougeL"] for r in reference.evaluations if "dev_rougeL" in r]
     target = evaluated[-1] if evaluated else None
     header = ["run", "reaches KD's final", "step", "seconds (gen / teacher / student)", "own best", "step",
@@ -325,7 +331,7 @@ def time_to_quality_table(runs: Sequence[RunRecord], reference: RunRecord, names
     for run in runs:
         if run.name not in names:
             continue
-        scores = [r["dev_rougeL"] for r in run.evaluations if "dev_rougeL" in r]
+        scores = [r["dev_rougeL"] for r in _trained_scores(run)]
         best = max(scores) if scores else None
         reach = _first_reaching(run, target) if target is not None else None
         own = _first_reaching(run, best) if best is not None else None
