@@ -60,7 +60,7 @@ def minillm_config(task_data, student, teacher, out, **extra):
 
 def rollouts_of(config, alpha: float, count: int = 8, seed: int = 0):
     """Models as the loop loads them and ``count`` rollouts of the first training prompts."""
-    from distillm.minillm import collect_rollouts, load_models
+    from distillm.minillm import collect_rollouts, load_models, rollout_generator
     from distillm.train import load_data
 
     tokenizer, student, teacher, vocab = load_models(config, torch.device("cpu"))
@@ -74,7 +74,7 @@ def rollouts_of(config, alpha: float, count: int = 8, seed: int = 0):
         config,
         tokenizer.eos_token_id,
         tokenizer.pad_token_id,
-        torch.Generator().manual_seed(seed),
+        [rollout_generator(seed, 0, position) for position in range(count)],
         torch.device("cpu"),
     )
     return tokenizer, student, teacher, vocab, config, rollouts

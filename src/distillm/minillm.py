@@ -151,18 +151,15 @@ def collect_rollouts(
     config: Config,
     eos_token_id: int,
     pad_token_id: int,
-    generators: torch.Generator | list[torch.Generator],
+    generators: list[torch.Generator],
     device: torch.device,
 ) -> list[Rollout]:
-    """Sample one teacher-mixed response per prompt (``generation.batch_size`` prompts at a time), from one
-    generator, or from ``generators[i]`` alone for prompt ``i`` (the loop's: then batching does not matter)."""
+    """Sample one teacher-mixed response per prompt (``generation.batch_size`` prompts at a time), prompt ``i``
+    from ``generators[i]`` alone (``rollout_generator``), so that batching does not change what it draws."""
     rollouts: list[Rollout] = []
     size = config.generation.batch_size
     for start in range(0, len(prompts), size):
         ids, mask = left_pad(prompts[start : start + size], pad_token_id)
-        batch_generators = (
-            generators[start : start + size] if isinstance(generators, (list, tuple)) else generators
-        )
         samples = sample_mixed(
             student,
             teacher,
@@ -172,7 +169,7 @@ def collect_rollouts(
             config.minillm.teacher_mix_alpha,
             eos_token_id,
             pad_token_id,
-            batch_generators,
+            generators[start : start + size],
         )
         for row, prompt in enumerate(prompts[start : start + size]):
             real = samples.mask[row]  # [N]: the response up to its first EOS
