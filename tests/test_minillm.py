@@ -444,8 +444,10 @@ def one_process_runs(task_data, quiet_pair, tmp_path_factory) -> tuple[Path, Pat
     folder = tmp_path_factory.mktemp("minillm-one")
     runs = folder / "batch4", folder / "accumulation2"
     for run, extra in zip(runs, ({"train.batch_size": 4}, {"train.batch_size": 2, "train.grad_accum": 2})):
-        args = minillm_overrides(task_data, quiet_pair["student"], quiet_pair["teacher"], run, **DISTRIBUTED)
-        launch_minillm([sys.executable], args + [f"{k}={v}" for k, v in extra.items()])
+        args = minillm_overrides(
+            task_data, quiet_pair["student"], quiet_pair["teacher"], run, **{**DISTRIBUTED, **extra}
+        )
+        launch_minillm([sys.executable], args)
     return runs
 
 
