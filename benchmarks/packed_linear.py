@@ -7,6 +7,10 @@ The figures behind `generation.pack_weights`' limits (docs/generation.md, point 
 2. 24 distinct 576 x 1536 maps in turn (the SmolLM2 shape's MLPs, more than the cache holds), 8 rows.
 3. The SmolLM2-shaped 4-layer student (random weights): the time to pack it, and the prompt's forward
    (8 x 32 tokens, left-padded) with and without packed weights, which is why decoding packs after it.
+4. The block maps of `distillm demo --real`'s 6-layer student (SmolLM2-135M shapes: q 576, k and v 192 each,
+   o 576, gate and up 1536, down; 8 rows, more weights than the cache holds) in turn, as one decoding step
+   runs them: as the decoder has them (k and v under `MIN_PACKED_WEIGHTS`, so unpacked) against q/k/v and
+   gate/up each fused into one packed map (not what the decoder does: a lead for its decoding step).
 
 Every figure is the median of `--repeats` alternating rounds; ratios are F.linear / packed (above 1: packed
 is faster), measured in the same run.
@@ -28,7 +32,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from distillm.fast_forward import fast_decoder  # noqa: E402
-from distillm.kernels.packing import pack_weight, packed_linear  # noqa: E402
+from distillm.kernels.packing import MIN_PACKED_WEIGHTS, pack_weight, packed_linear  # noqa: E402
 from distillm.models import build_small_model  # noqa: E402
 from generation import MODELS, left_padded_prompts  # noqa: E402
 
@@ -137,6 +141,41 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"prompt forward 8 x 32: unpacked {ms['plain'] * 1e3:.1f} ms, packed {ms['packed'] * 1e3:.1f} ms "
             f"(packed / unpacked {ms['packed'] / ms['plain']:.2f}x)"
+        )
+        layers = 6
+        shapes = {"q": (576, 576), "k": (576, 192), "v": (576, 192), "o": (576, 576),
+                  "gate": (576, 1536), "up": (576, 1536), "down": (1536, 576)}  # fmt: skip
+        blocks = [
+            {name: torch.randn(out, fan_in) for name, (fan_in, out) in shapes.items()} for _ in range(layers)
+        ]
+        rows = {576: torch.randn(8, 1, 576), 1536: torch.randn(8, 1, 1536)}
+
+        def as_decoder(weight):  # (fan-in, packed?, weight): what the decoder does with a map of this size
+            packed = weight.numel() >= MIN_PACKED_WEIGHTS
+            return weight.shape[1], packed, pack_weight(weight, 8) if packed else weight
+
+        def run(maps):
+            for fan_in, packed, weight in maps:
+                packed_linear(rows[fan_in], weight, None) if packed else F.linear(rows[fan_in], weight)
+
+        current = [as_decoder(w) for block in blocks for w in block.values()]
+        fused = []
+        for block in blocks:
+            fused.append((576, True, pack_weight(torch.cat([block["q"], block["k"], block["v"]]), 8)))
+            fused.append(as_decoder(block["o"]))
+            fused.append((576, True, pack_weight(torch.cat([block["gate"], block["up"]]), 8)))
+            fused.append(as_decoder(block["down"]))
+        ms = alternating(
+            {"current": lambda: run(current), "fused": lambda: run(fused)}, args.repeats, calls=10
+        )
+        megabytes = sum(w.numel() for block in blocks for w in block.values()) * 4 / 1e6
+        print(f"\n4. the real-pair student's block maps, {layers} layers, {megabytes:.0f} MB, 8 rows\n")
+        print(
+            f"as the decoder has them ({len(current)} maps, "
+            f"{sum(not packed for _, packed, _ in current)} unpacked): {ms['current'] * 1e3:.2f} ms "
+            f"({megabytes / 1e3 / ms['current']:.1f} GB/s); q/k/v and gate/up fused ({len(fused)} maps): "
+            f"{ms['fused'] * 1e3:.2f} ms ({megabytes / 1e3 / ms['fused']:.1f} GB/s); current / fused "
+            f"{ms['current'] / ms['fused']:.2f}x"
         )
     print(f"\nload average {os.getloadavg()[0]:.2f} at the end")
     return 0
