@@ -1,19 +1,21 @@
-"""Decoding-sized linear maps: F.linear against oneDNN's packed weights (`FastDecoder.pack_weights`).
+"""Decoding-sized linear maps: F.linear, oneDNN's packed weights and our kernel (`FastDecoder.pack_weights`).
 
 The figures behind `generation.pack_weights`' limits (docs/generation.md, point 5), fp32 on the CPU:
 
-1. One map at a time, weights hot in the cache, 8 and 16 rows: where packing starts to pay (the 256K-weight
-   threshold of `distillm.kernels.packing.MIN_PACKED_WEIGHTS`).
+1. One map at a time, weights hot in the cache, 8 and 16 rows: where each packed kind starts to pay
+   (`MIN_PACKED_WEIGHTS` for oneDNN, `MIN_NATIVE_WEIGHTS` for ours, in `distillm.kernels.packing`).
 2. 24 distinct 576 x 1536 maps in turn (the SmolLM2 shape's MLPs, more than the cache holds), 8 rows.
-3. The SmolLM2-shaped 4-layer student (random weights): the time to pack it, and the prompt's forward
+3. The SmolLM2 head (49,152 x 576) at 1 to 64 rows: where oneDNN's GEMM overtakes our kernel
+   (`NATIVE_MAX_ROWS`).
+4. The SmolLM2-shaped 4-layer student (random weights): the time to pack it, and the prompt's forward
    (8 x 32 tokens, left-padded) with and without packed weights, which is why decoding packs after it.
-4. The block maps of `distillm demo --real`'s 6-layer student (SmolLM2-135M shapes: q 576, k and v 192 each,
+5. The block maps of `distillm demo --real`'s 6-layer student (SmolLM2-135M shapes: q 576, k and v 192 each,
    o 576, gate and up 1536, down; 8 rows, more weights than the cache holds) in turn, as one decoding step
-   runs them: as the decoder has them (k and v under `MIN_PACKED_WEIGHTS`, so unpacked) against q/k/v and
-   gate/up each fused into one packed map (not what the decoder does: a lead for its decoding step).
+   runs them: through our kernel (what the decoder does where it is available) and through oneDNN (its
+   fallback; k and v, under `MIN_PACKED_WEIGHTS`, through F.linear).
 
-Every figure is the median of `--repeats` alternating rounds; ratios are F.linear / packed (above 1: packed
-is faster), measured in the same run.
+Every figure is the median of `--repeats` alternating rounds, measured in the same run; GB/s counts the
+weights read once per pass. Our kernel's columns are missing where it is unavailable (no C compiler, no AVX2).
 
     python benchmarks/packed_linear.py --repeats 7
 """
@@ -32,7 +34,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from distillm.fast_forward import fast_decoder  # noqa: E402
-from distillm.kernels.packing import MIN_PACKED_WEIGHTS, pack_weight, packed_linear  # noqa: E402
+from distillm.kernels import skinny  # noqa: E402
+from distillm.kernels.packing import (  # noqa: E402
+    MIN_NATIVE_WEIGHTS,
+    MIN_PACKED_WEIGHTS,
+    pack_weight,
+    packed_linear,
+)
 from distillm.models import build_small_model  # noqa: E402
 from generation import MODELS, left_padded_prompts  # noqa: E402
 
@@ -77,46 +85,70 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     print(f"torch threads {torch.get_num_threads()}, fp32, median of {args.repeats} alternating rounds")
 
+    native = skinny.available()
+    print(
+        f"our kernel: {'available' if native else 'unavailable (see the log)'}; thresholds: oneDNN from "
+        f"{MIN_PACKED_WEIGHTS:,} weights, ours from {MIN_NATIVE_WEIGHTS:,}"
+    )
+
+    def kinds(weight, inputs, rows):
+        packed = pack_weight(weight, rows)
+        functions = {
+            "linear": lambda: F.linear(inputs, weight),
+            "onednn": lambda: packed_linear(inputs, packed, None),
+        }
+        if native:
+            functions["native"] = lambda: skinny.skinny_linear(inputs, weight)
+        return functions
+
+    def cells(times, unit):
+        return " | ".join(
+            f"{times[k] * unit:.1f}" if k in times else "-" for k in ("linear", "onednn", "native")
+        )
+
     print("\n1. one map, weights hot in the cache (us per call)\n")
-    print("| in x out | weights | rows | F.linear | packed | F.linear / packed |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| in x out | weights | rows | F.linear | oneDNN | ours | F.linear / ours |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     with torch.inference_mode():
         for rows in (8, 16):
             for fan_in, fan_out in SHAPES:
                 weight, inputs = torch.randn(fan_out, fan_in), torch.randn(rows, 1, fan_in)
-                packed = pack_weight(weight, rows)
-                us = alternating(
-                    {
-                        "linear": lambda x=inputs, w=weight: F.linear(x, w),
-                        "packed": lambda x=inputs, p=packed: packed_linear(x, p, None),
-                    },
-                    args.repeats,
-                    calls=200,
-                )
+                us = alternating(kinds(weight, inputs, rows), args.repeats, calls=200)
+                ratio = f"{us['linear'] / us['native']:.2f}x" if native else "-"
                 print(
-                    f"| {fan_in} x {fan_out} | {weight.numel():,} | {rows} | {us['linear'] * 1e6:.1f} | "
-                    f"{us['packed'] * 1e6:.1f} | {us['linear'] / us['packed']:.2f}x |",
+                    f"| {fan_in} x {fan_out} | {weight.numel():,} | {rows} | {cells(us, 1e6)} | {ratio} |",
                     flush=True,
                 )
 
         weights = [torch.randn(1536, 576) for _ in range(24)]
         packs = [pack_weight(w, 8) for w in weights]
         inputs = torch.randn(8, 1, 576)
-        ms = alternating(
-            {
-                "linear": lambda: [F.linear(inputs, w) for w in weights],
-                "packed": lambda: [packed_linear(inputs, p, None) for p in packs],
-            },
-            args.repeats,
-            calls=10,
-        )
+        functions = {
+            "linear": lambda: [F.linear(inputs, w) for w in weights],
+            "onednn": lambda: [packed_linear(inputs, p, None) for p in packs],
+        }
+        if native:
+            functions["native"] = lambda: [skinny.skinny_linear(inputs, w) for w in weights]
+        ms = alternating(functions, args.repeats, calls=10)
         megabytes = sum(w.numel() for w in weights) * 4 / 1e6
         print("\n2. 24 distinct 576 x 1536 maps in turn, 8 rows (ms for all 24)\n")
         print(
-            f"F.linear {ms['linear'] * 1e3:.2f} ms ({megabytes / 1e3 / ms['linear']:.1f} GB/s), packed "
-            f"{ms['packed'] * 1e3:.2f} ms ({megabytes / 1e3 / ms['packed']:.1f} GB/s): "
-            f"{ms['linear'] / ms['packed']:.2f}x"
+            ", ".join(f"{name} {t * 1e3:.2f} ms ({megabytes / 1e3 / t:.1f} GB/s)" for name, t in ms.items())
         )
+
+        print("\n3. the SmolLM2 head, 49,152 x 576 (113 MB), by rows (ms per call)\n")
+        print("| rows | oneDNN | ours | oneDNN / ours |")
+        print("|---:|---:|---:|---:|")
+        head = torch.randn(49152, 576)
+        for rows in (1, 8, 16, 32, 64):
+            inputs = torch.randn(rows, 576)
+            functions = kinds(head, inputs, rows)
+            del functions["linear"]
+            ms = alternating(functions, args.repeats, calls=5)
+            ratio = f"{ms['onednn'] / ms['native']:.2f}x" if native else "-"
+            ours = f"{ms['native'] * 1e3:.2f}" if native else "-"
+            print(f"| {rows} | {ms['onednn'] * 1e3:.2f} | {ours} | {ratio} |", flush=True)
+        del head
 
         family, vocab, sizes = MODELS["smollm4"]
         model = build_small_model(family, vocab, **sizes).eval()
@@ -136,8 +168,11 @@ def main(argv: list[str] | None = None) -> int:
             args.repeats,
             calls=3,
         )
-        print("\n3. SmolLM2-shaped 4-layer student\n")
-        print(f"packing {count} maps (head included): {statistics.median(pack_seconds) * 1e3:.1f} ms")
+        kind = packed_decoder._packed.kind(model.lm_head)
+        print("\n4. SmolLM2-shaped 4-layer student\n")
+        print(
+            f"packing {count} maps (head included) as {kind}: {statistics.median(pack_seconds) * 1e3:.1f} ms"
+        )
         print(
             f"prompt forward 8 x 32: unpacked {ms['plain'] * 1e3:.1f} ms, packed {ms['packed'] * 1e3:.1f} ms "
             f"(packed / unpacked {ms['packed'] / ms['plain']:.2f}x)"
@@ -149,34 +184,30 @@ def main(argv: list[str] | None = None) -> int:
             {name: torch.randn(out, fan_in) for name, (fan_in, out) in shapes.items()} for _ in range(layers)
         ]
         rows = {576: torch.randn(8, 1, 576), 1536: torch.randn(8, 1, 1536)}
+        maps = [w for block in blocks for w in block.values()]
+        onednn = [(w, pack_weight(w, 8) if w.numel() >= MIN_PACKED_WEIGHTS else None) for w in maps]
 
-        def as_decoder(weight):  # (fan-in, packed?, weight): what the decoder does with a map of this size
-            packed = weight.numel() >= MIN_PACKED_WEIGHTS
-            return weight.shape[1], packed, pack_weight(weight, 8) if packed else weight
+        def run_onednn():
+            for weight, packed in onednn:
+                x = rows[weight.shape[1]]
+                packed_linear(x, packed, None) if packed is not None else F.linear(x, weight)
 
-        def run(maps):
-            for fan_in, packed, weight in maps:
-                packed_linear(rows[fan_in], weight, None) if packed else F.linear(rows[fan_in], weight)
-
-        current = [as_decoder(w) for block in blocks for w in block.values()]
-        fused = []
-        for block in blocks:
-            fused.append((576, True, pack_weight(torch.cat([block["q"], block["k"], block["v"]]), 8)))
-            fused.append(as_decoder(block["o"]))
-            fused.append((576, True, pack_weight(torch.cat([block["gate"], block["up"]]), 8)))
-            fused.append(as_decoder(block["down"]))
-        ms = alternating(
-            {"current": lambda: run(current), "fused": lambda: run(fused)}, args.repeats, calls=10
-        )
-        megabytes = sum(w.numel() for block in blocks for w in block.values()) * 4 / 1e6
-        print(f"\n4. the real-pair student's block maps, {layers} layers, {megabytes:.0f} MB, 8 rows\n")
+        functions = {"onednn": run_onednn}
+        if native:
+            functions["native"] = lambda: [skinny.skinny_linear(rows[w.shape[1]], w) for w in maps]
+        ms = alternating(functions, args.repeats, calls=10)
+        megabytes = sum(w.numel() for w in maps) * 4 / 1e6
         print(
-            f"as the decoder has them ({len(current)} maps, "
-            f"{sum(not packed for _, packed, _ in current)} unpacked): {ms['current'] * 1e3:.2f} ms "
-            f"({megabytes / 1e3 / ms['current']:.1f} GB/s); q/k/v and gate/up fused ({len(fused)} maps): "
-            f"{ms['fused'] * 1e3:.2f} ms ({megabytes / 1e3 / ms['fused']:.1f} GB/s); current / fused "
-            f"{ms['current'] / ms['fused']:.2f}x"
+            f"\n5. the real-pair student's block maps, {layers} layers, {len(maps)} maps, {megabytes:.0f} MB, 8 rows\n"
         )
+        unpacked = sum(packed is None for _, packed in onednn)
+        line = f"oneDNN ({unpacked} maps unpacked): {ms['onednn'] * 1e3:.2f} ms ({megabytes / 1e3 / ms['onednn']:.1f} GB/s)"
+        if native:
+            line += (
+                f"; ours (all {len(maps)}): {ms['native'] * 1e3:.2f} ms ({megabytes / 1e3 / ms['native']:.1f} GB/s); "
+                f"oneDNN / ours {ms['onednn'] / ms['native']:.2f}x"
+            )
+        print(line)
     print(f"\nload average {os.getloadavg()[0]:.2f} at the end")
     return 0
 

@@ -10,6 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import distillm.kernels.packing as packing
 from distillm.fast_forward import fast_decoder
+from distillm.kernels import skinny
 from distillm.models import enable_gradient_checkpointing
 from numerics import assert_as_accurate_as, rounding_bound
 
@@ -106,9 +107,18 @@ def test_parameter_gradients_equal_the_hugging_face_forward(family):
     assert_gradients_as_accurate(actual, baseline, reference)
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["unpacked", "packed"])
+def use_kind(kind: str, monkeypatch) -> None:
+    """Make :class:`PackedLinears` pack as ``kind``: ``"native"`` (skipped where our kernel cannot run here)
+    or ``"onednn"`` (our kernel hidden)."""
+    if kind == "native" and not skinny.available():
+        pytest.skip("the native kernel is unavailable here (tests/test_kernels.py says why)")
+    if kind == "onednn":
+        monkeypatch.setattr(skinny, "available", lambda: False)
+
+
+@pytest.mark.parametrize("packed", [None, "native", "onednn"], ids=["unpacked", "native", "onednn"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_decoding_logits_equal_the_hugging_face_forward_over_the_whole_sequence(family, packed):
+def test_decoding_logits_equal_the_hugging_face_forward_over_the_whole_sequence(family, packed, monkeypatch):
     model = build(family).eval()
     generator = torch.Generator().manual_seed(5)
     prompt_len, new = 6, 5
@@ -122,10 +132,12 @@ def test_decoding_logits_equal_the_hugging_face_forward_over_the_whole_sequence(
     positions = (prompt_mask.cumsum(-1) - 1).clamp_min(0)
     decoder = fast_decoder(model)
     if packed:  # every linear map of the 3 layers (GPT-2: 4 per layer, Llama layout: 7) and the head
+        use_kind(packed, monkeypatch)
         assert (
             decoder.pack_weights(3, head=model.lm_head, min_weights=0)
             == 3 * (4 if family == "gpt2" else 7) + 1
         )
+        assert decoder._packed.kind(model.lm_head) == packed
     with torch.no_grad():
         hidden, cache = decoder.prefill(prompt_ids, prompt_mask, positions, capacity=prompt_len + new)
         steps = [hidden]
@@ -308,29 +320,57 @@ def assert_same_linear_map(actual, projection, inputs):
     assert bool(((actual - expected).abs() <= bound).all()), float((actual - expected).abs().max())
 
 
-def test_packed_weights_are_a_copy_used_without_gradients_only():
+@pytest.mark.parametrize("kind", ["native", "onednn"])
+def test_packed_maps_are_used_without_gradients_only_and_follow_the_weights_once_packed_again(
+    kind, monkeypatch
+):
+    use_kind(kind, monkeypatch)
     model = build("llama")
     decoder = fast_decoder(model)
     assert decoder.pack_weights(3, head=model.lm_head, min_weights=0) == 22
     projection = model.model.layers[0].self_attn.q_proj
+    assert decoder._packed.kind(projection) == kind
     inputs = torch.randn(3, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert_same_linear_map(decoder.linear(projection, inputs), projection, inputs)
-    # With gradients on, the module's own forward runs (the packed copy has no autograd), so training through
+    # With gradients on, the module's own forward runs (the packed form has no autograd), so training through
     # a decoder that was packed still reaches the parameters.
     decoder.linear(projection, inputs).sum().backward()
     assert projection.weight.grad is not None
-    # The packed copy is taken when packing: a later change of the weights is not seen until packing again.
     with torch.no_grad():
         projection.weight.mul_(2)
-        assert not torch.allclose(decoder.linear(projection, inputs), projection(inputs))
+        # oneDNN's copy is taken when packing and misses the change until packing again; our kernel reads the
+        # module's own weight.
+        assert torch.allclose(decoder.linear(projection, inputs), projection(inputs)) == (kind == "native")
         decoder.pack_weights(3, min_weights=0)
         assert_same_linear_map(decoder.linear(projection, inputs), projection, inputs)
-    assert not decoder.packed(model.lm_head)  # packing again without the head drops the head's copy
+    assert not decoder.packed(model.lm_head)  # packing again without the head drops the head's entry
     # Only maps of at least min_weights weights: the MLP's 32 x 64 maps, not the 32 x 32 attention maps
     # or the 61 x 32 head.
     assert decoder.pack_weights(3, head=model.lm_head, min_weights=32 * 64) == 3 * 3
     assert decoder.packed(model.model.layers[0].mlp.up_proj) and not decoder.packed(projection)
+
+
+def test_the_kind_follows_the_batch_size_and_each_kind_has_its_own_default_threshold(monkeypatch):
+    if not skinny.available():
+        pytest.skip("the native kernel is unavailable here (tests/test_kernels.py says why)")
+    # Our kernel up to NATIVE_MAX_ROWS rows, oneDNN beyond; and a prompt-sized call (more rows than that)
+    # through a natively packed map runs the module's own forward, exactly.
+    assert packing.PackedLinears.kind_for(packing.NATIVE_MAX_ROWS) == "native"
+    assert packing.PackedLinears.kind_for(packing.NATIVE_MAX_ROWS + 1) == "onednn"
+    model = build("llama", hidden_size=256, intermediate_size=512, num_attention_heads=4)
+    decoder = fast_decoder(model)
+    # 256 x 256 = 65,536 weights: above MIN_NATIVE_WEIGHTS, under MIN_PACKED_WEIGHTS
+    assert packing.MIN_NATIVE_WEIGHTS <= 256 * 256 < packing.MIN_PACKED_WEIGHTS
+    projection = model.model.layers[0].self_attn.q_proj
+    decoder.pack_weights(4)
+    assert decoder._packed.kind(projection) == "native"
+    decoder.pack_weights(packing.NATIVE_MAX_ROWS + 1)
+    assert not decoder.packed(projection)
+    decoder.pack_weights(4)
+    wide = torch.randn(packing.NATIVE_MAX_ROWS + 1, 256, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(decoder.linear(projection, wide), projection(wide))
 
 
 def test_packing_skips_lora_layers_other_dtypes_and_torch_builds_without_onednn(monkeypatch):
@@ -354,6 +394,7 @@ def test_packing_skips_lora_layers_other_dtypes_and_torch_builds_without_onednn(
     def refuse(*args):
         raise RuntimeError("not supported by this build")
 
+    monkeypatch.setattr(skinny, "available", lambda: False)  # oneDNN's kind only from here on
     with monkeypatch.context() as patch:  # a build whose private op refuses to run: nothing is packed
         patch.setattr(torch.ops.mkldnn, "_linear_pointwise", refuse)
         assert llama.pack_weights(2, min_weights=0) == 0 and not llama._packed

@@ -272,9 +272,9 @@ class GenerationConfig:
     batch_size: int = _field(16, "Prompts per generation batch in evaluation and `distillm generate`.")
     pack_weights: bool = _field(
         True,
-        "On a CPU, copy the model's large float32 linear weights into oneDNN's packed layout for each "
-        "generation call of 16+ new tokens: faster decoding steps, for a second copy of those weights "
-        "while it runs (docs/generation.md).",
+        "On a CPU, run the decoding steps of each generation call of 16+ new tokens through distillm's own "
+        "AVX2 kernel (batches of up to 16 rows; no copy) or oneDNN's packed layout (a second copy of the "
+        "large float32 linear weights while it runs): faster decoding steps (docs/generation.md).",
     )
     sampler: Literal["auto", "distillm", "generate"] = _field(
         "auto",

@@ -473,7 +473,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-pack-weights",
         dest="pack_weights",
         action="store_false",
-        help="On CPU, decode without a packed copy of the weights (slower, one copy of them less in memory).",
+        help="On CPU, decode with torch's own linear maps: no native kernel, no packed copy of the weights (slower).",
     )
     generation.add_argument(
         "--sampler",

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from distillm.kernels.packing import MIN_PACKED_WEIGHTS, PackedLinears, packable
+from distillm.kernels.packing import PackedLinears, packable
 from distillm.layouts import LAYOUTS, DecoderLayout
 from distillm.models import unwrap_peft
 
@@ -236,22 +236,26 @@ class FastDecoder:
         return self.layout.final_norm(hidden[:, 0])
 
     def pack_weights(
-        self, batch_size: int, head: nn.Module | None = None, min_weights: int = MIN_PACKED_WEIGHTS
+        self, batch_size: int, head: nn.Module | None = None, min_weights: int | None = None
     ) -> int:
-        """Copy the layers' linear weights (and ``head``'s) into oneDNN's blocked layout, for decoding on a CPU.
+        """Make the layers' linear maps (and ``head``) ready for decoding ``batch_size`` rows on a CPU.
 
-        A decoding step multiplies a few rows (``batch_size``) by every weight matrix of the model; for such
-        skinny products oneDNN's kernels on its packed layout are faster once the weights no longer fit in the
-        cache (:mod:`distillm.kernels.packing`). The packed copies are made now and used by every later
-        :meth:`prefill`, :meth:`step` and :meth:`linear` while gradients are off (``generation.sample`` packs
-        after its prefill); they are a second copy of the weights, held as long as this object, so pack once
-        per decoding run, after the weights last changed. Nothing is packed under CPU autocast.
+        A decoding step multiplies a few rows by every weight matrix of the model; for such skinny products
+        torch's ``F.linear`` reads the weights at a fraction of the memory bandwidth
+        (:mod:`distillm.kernels.packing`). Up to ``NATIVE_MAX_ROWS`` rows, where our AVX2 kernel
+        (:mod:`distillm.kernels.skinny`) is available, the maps run through it on the modules' own weights;
+        otherwise they are copied into oneDNN's blocked layout, a second copy of the weights held as long as
+        this object. Either is used by every later :meth:`prefill`, :meth:`step` and :meth:`linear` while
+        gradients are off (``generation.sample`` packs after its prefill); pack once per decoding run, after
+        the weights last changed. Nothing is packed under CPU autocast.
 
         Packs plain ``nn.Linear`` maps and GPT-2's ``Conv1D`` in float32 on the CPU with at least
-        ``min_weights`` weights (below that a packed call's fixed overhead outweighs its gain); anything else
-        (peft's LoRA layers, other dtypes or devices) keeps its own forward. Returns how many maps were
-        packed: 0 where this torch build has no oneDNN.
+        ``min_weights`` weights (default: where each kind's fixed cost per call is repaid,
+        ``MIN_NATIVE_WEIGHTS`` or ``MIN_PACKED_WEIGHTS``); anything else (peft's LoRA layers, other dtypes
+        or devices) keeps its own forward. Returns how many maps were packed: 0 where neither kind can run.
         """
+        if min_weights is None:
+            min_weights = PackedLinears.min_weights(PackedLinears.kind_for(batch_size))
         self._packed.clear()
         self._packed_mlps.clear()
         linears: list[nn.Module] = [head] if head is not None else []

@@ -2,8 +2,10 @@
 
 - :mod:`distillm.kernels.gelu`: the tanh-approximated GELU in its sigmoid form (``SigmoidTanhGELU``) and
   ``fuse_tanh_gelu``, which swaps it into a loaded model.
-- :mod:`distillm.kernels.packing`: oneDNN's packed-weight linear maps for decoding (``PackedLinears``), the
-  one module that calls torch's private ``torch.ops.mkldnn`` ops.
+- :mod:`distillm.kernels.packing`: decoding's linear maps (``PackedLinears``): through our kernel below, else
+  oneDNN's packed weights (the one module that calls torch's private ``torch.ops.mkldnn`` ops).
+- :mod:`distillm.kernels.skinny`: our AVX2 linear map for a few rows (``skinny.c``), compiled at first use
+  with the system's C compiler and loaded with ctypes; unavailable (and said so) without one.
 
 ``benchmarks/gelu.py`` and ``benchmarks/packed_linear.py`` measure them (figures in benchmarks/README.md).
 """

@@ -1,9 +1,11 @@
-"""oneDNN's packed-weight linear maps, for the skinny products of decoding on a CPU.
+"""Packed linear maps for the skinny products of decoding on a CPU: our own kernel, else oneDNN's.
 
 A decoding step multiplies a few rows (the batch) by every weight matrix of the model. For such products
-oneDNN's kernels on its own blocked weight layout (what ``torch.compile`` uses on CPUs) beat the default
-``F.linear`` once the weights no longer fit in the cache; a packed call costs a fixed overhead more, so small
-maps stay unpacked. ``benchmarks/packed_linear.py`` measures both (benchmarks/README.md).
+torch's default ``F.linear`` reads the weights at a fraction of the memory bandwidth. :class:`PackedLinears`
+runs them through :mod:`distillm.kernels.skinny` (our AVX2 kernel, which reads the module's weights as they
+are) where it is available and the batch is at most :data:`NATIVE_MAX_ROWS` rows, else through oneDNN's
+kernels on its own blocked copy of the weights (what ``torch.compile`` uses on CPUs); a call costs a fixed
+overhead more, so small maps stay unpacked. ``benchmarks/packed_linear.py`` measures all three.
 
 This is the one module that calls torch's private ``torch.ops.mkldnn`` ops; each use is probed first and a
 build that refuses them falls back to the unpacked forward.
@@ -17,9 +19,17 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
+from distillm.kernels import skinny
+
 # The fewest weights a map needs to be packed: where a packed call's fixed overhead and its gain on reading
 # the weights break even (benchmarks/README.md, packed_linear.py).
 MIN_PACKED_WEIGHTS = 1 << 18
+# The most rows a call may have for our kernel: it reads each weight row once for all of them, which beats
+# oneDNN's blocked GEMM up to about 16 rows and loses from about 32 (benchmarks/README.md, packed_linear.py).
+NATIVE_MAX_ROWS = 16
+# The fewest weights a map needs for our kernel: its fixed cost per call (~15 us, twice F.linear's) is
+# repaid from about 32K weights on (benchmarks/README.md, packed_linear.py).
+MIN_NATIVE_WEIGHTS = 1 << 15
 
 
 def onednn_packing_available() -> bool:
@@ -67,14 +77,17 @@ def packed_linear(inputs: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor
 
 
 class PackedLinears:
-    """Packed copies of linear maps: module -> (oneDNN weight, bias or None), used while gradients are off.
+    """Linear maps made ready for decoding: module -> (kind, weight, bias or None), used while gradients are off.
 
-    The copies are a second copy of the weights, taken by :meth:`pack`: a later change of a module's weights
-    is not seen until it is packed again.
+    Two kinds. ``"native"`` (:mod:`distillm.kernels.skinny`, for batches of at most :data:`NATIVE_MAX_ROWS`
+    rows where it is available): the module's own ``[out, in]`` weight, not a copy, so an in-place change
+    of it is seen (GPT-2's ``Conv1D`` stores ``[in, out]`` and gets a transposed copy). ``"onednn"``:
+    oneDNN's blocked copy, a second set of the weights, taken by :meth:`pack`, so a later change of the
+    weights is not seen until they are packed again. Either way, pack after the weights last changed.
     """
 
     def __init__(self) -> None:
-        self._maps: dict[nn.Module, tuple[Tensor, Tensor | None]] = {}
+        self._maps: dict[nn.Module, tuple[str, Tensor, Tensor | None]] = {}
 
     def __len__(self) -> int:
         return len(self._maps)
@@ -85,13 +98,39 @@ class PackedLinears:
     def clear(self) -> None:
         self._maps.clear()
 
+    def kind(self, module: nn.Module) -> str | None:
+        """``"native"``, ``"onednn"``, or None where ``module`` is not packed."""
+        entry = self._maps.get(module)
+        return entry[0] if entry is not None else None
+
+    @staticmethod
+    def kind_for(batch_size: int) -> str:
+        """The kind :meth:`pack` uses for ``batch_size`` rows: ``"native"`` where our kernel runs, else
+        ``"onednn"`` (which :meth:`pack` may still find unavailable)."""
+        return "native" if batch_size <= NATIVE_MAX_ROWS and skinny.available() else "onednn"
+
+    @staticmethod
+    def min_weights(kind: str) -> int:
+        """The fewest weights a map needs to be worth packing as ``kind``."""
+        return MIN_NATIVE_WEIGHTS if kind == "native" else MIN_PACKED_WEIGHTS
+
     def pack(self, modules: Iterable[nn.Module], batch_size: int) -> bool:
         """Pack ``modules`` (each :func:`packable`) for inputs of ``batch_size`` rows, after what is packed.
 
-        Returns False, with nothing packed, where this torch build has no oneDNN or refuses its private ops,
-        and under CPU autocast (whose bf16 inputs the float32 packed maps refuse).
+        Our kernel where it is available and ``batch_size <= NATIVE_MAX_ROWS``, else oneDNN's. Returns False,
+        with nothing packed, where neither can run (no native kernel for this batch and a torch build
+        without oneDNN, or one that refuses its private ops), and under CPU autocast (whose bf16 inputs
+        float32 maps refuse).
         """
-        if not onednn_packing_available() or torch.is_autocast_enabled("cpu"):
+        if torch.is_autocast_enabled("cpu"):
+            return False
+        if self.kind_for(batch_size) == "native":
+            for module in modules:
+                weight = linear_weight(module).contiguous()  # Conv1D: [in, out] -> a [out, in] copy
+                bias = module.bias.detach() if module.bias is not None else None
+                self._maps[module] = ("native", weight, bias)
+            return True
+        if not onednn_packing_available():
             return False
         for module in modules:
             weight = linear_weight(module)
@@ -103,12 +142,18 @@ class PackedLinears:
             except (RuntimeError, TypeError):  # this torch build refuses them: decode unpacked
                 self._maps.clear()
                 return False
-            self._maps[module] = (packed, bias)
+            self._maps[module] = ("onednn", packed, bias)
         return True
 
     def linear(self, module: nn.Module, inputs: Tensor) -> Tensor:
-        """``module(inputs)``, through its packed copy when there is one, gradients are off and inputs float32."""
-        packed = self._maps.get(module) if self._maps else None
-        if packed is None or torch.is_grad_enabled() or inputs.dtype != torch.float32:
+        """``module(inputs)``, through its packed form when there is one, gradients are off and inputs float32
+        (for the native kind: at most :data:`NATIVE_MAX_ROWS` rows, as a prompt's forward has more)."""
+        entry = self._maps.get(module) if self._maps else None
+        if entry is None or torch.is_grad_enabled() or inputs.dtype != torch.float32:
             return module(inputs)
-        return packed_linear(inputs, packed[0], packed[1])
+        kind, weight, bias = entry
+        if kind == "native":
+            if inputs.numel() > NATIVE_MAX_ROWS * inputs.shape[-1]:
+                return module(inputs)
+            return skinny.skinny_linear(inputs, weight, bias)
+        return packed_linear(inputs, weight, bias)

@@ -1,0 +1,131 @@
+"""Our native decoding kernel (``distillm.kernels.skinny``): its results, its build and its fallbacks."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import shutil
+
+import pytest
+import torch
+
+from distillm.kernels import skinny
+from numerics import gamma
+
+
+def _x86_with_avx2_and_a_compiler() -> str | None:
+    """Why the kernel cannot be expected here, or None where it must build and run."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"the kernel is x86 AVX2 code; this is {platform.machine()}"
+    if not (shutil.which("cc") or shutil.which("gcc")):
+        return "no C compiler (cc/gcc) to build the kernel"
+    try:
+        flags = open("/proc/cpuinfo", encoding="utf-8").read()
+    except OSError:
+        return None
+    if " avx2" not in flags or " fma" not in flags:
+        return "this CPU lacks AVX2/FMA"
+    return None
+
+
+WHY_NOT = _x86_with_avx2_and_a_compiler()
+needs_kernel = pytest.mark.skipif(WHY_NOT is not None, reason=WHY_NOT or "")
+
+
+@pytest.fixture
+def fresh_library():
+    """Forget the loaded library before and after the test, so that its environment decides."""
+    skinny._library.cache_clear()
+    yield
+    skinny._library.cache_clear()
+
+
+def test_the_kernel_builds_and_loads_on_an_x86_cpu_with_avx2_and_a_compiler():
+    if WHY_NOT is not None:
+        pytest.skip(WHY_NOT)
+    assert skinny.available()  # a build or load failure here would silently cost decoding half its speed
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 3, 5, 8, 13, 17, 40])
+@pytest.mark.parametrize(("in_features", "out_features"), [(576, 130), (37, 64), (8, 1), (1029, 70)])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+def test_the_kernel_is_within_the_rounding_bound_of_the_exact_product(
+    rows, in_features, out_features, with_bias
+):
+    generator = torch.Generator().manual_seed(rows * 1000 + in_features)
+    x = torch.randn(rows, in_features, generator=generator)
+    weight = torch.randn(out_features, in_features, generator=generator)
+    bias = torch.randn(out_features, generator=generator) if with_bias else None
+    actual = skinny.skinny_linear(x, weight, bias)
+    exact = x.double() @ weight.double().T  # [rows, out]
+    magnitude = x.double().abs() @ weight.double().abs().T
+    if bias is not None:
+        exact, magnitude = exact + bias.double(), magnitude + bias.double().abs()
+    # Any order of the in_features products and the bias: within gamma_(n+1) of the exact sum (numerics.py),
+    # plus the rounding of the result to float32.
+    bound = gamma(in_features + 2, torch.float32) * magnitude
+    assert actual.shape == (rows, out_features) and actual.dtype == torch.float32
+    assert bool(((actual.double() - exact).abs() <= bound).all())
+    # A wrong index or a dropped tail (in_features not a multiple of 8) is far outside the bound.
+    assert float((actual.double() - exact).abs().max()) < 1e-3 * float(magnitude.max())
+
+
+@needs_kernel
+def test_a_row_gets_the_same_bits_alone_in_any_batch_and_any_order():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(13, 300, generator=generator)  # a full 8-row tile and a 5-row remainder
+    weight = torch.randn(200, 300, generator=generator)
+    batch = skinny.skinny_linear(x, weight)
+    order = torch.randperm(13, generator=generator)
+    assert torch.equal(skinny.skinny_linear(x[order], weight), batch[order])
+    for row in range(13):
+        assert torch.equal(skinny.skinny_linear(x[row : row + 1], weight), batch[row : row + 1])
+
+
+@needs_kernel
+def test_inputs_keep_their_leading_shape_may_be_strided_and_bad_ones_are_refused_by_name():
+    generator = torch.Generator().manual_seed(1)
+    weight = torch.randn(24, 16, generator=generator)
+    x = torch.randn(16, 2, 3, generator=generator).permute(1, 2, 0)  # [2, 3, 16], not contiguous
+    out = skinny.skinny_linear(x, weight)
+    assert out.shape == (2, 3, 24)
+    assert torch.equal(out, skinny.skinny_linear(x.contiguous(), weight))
+    with pytest.raises(ValueError, match=r"inputs \(2, 8\) torch.float32, weight \(24, 16\)"):
+        skinny.skinny_linear(torch.randn(2, 8), weight)
+    with pytest.raises(ValueError, match="float64"):
+        skinny.skinny_linear(torch.randn(2, 16, dtype=torch.float64), weight)
+    with pytest.raises(ValueError, match=r"bias must be float32 \[24\]"):
+        skinny.skinny_linear(torch.randn(2, 16), weight, torch.randn(23))
+    assert not skinny.supports(weight.t()) and not skinny.supports(weight.double())
+
+
+@needs_kernel
+def test_the_library_is_built_once_into_the_cache_and_reused(tmp_path, monkeypatch, fresh_library):
+    monkeypatch.setenv("DISTILLM_KERNEL_CACHE", str(tmp_path))
+    assert skinny.available()
+    (library,) = tmp_path.iterdir()  # one library, no partial file left
+    assert library.name.startswith("skinny-") and library.suffix == ".so"
+    built = library.stat().st_mtime_ns
+    skinny._library.cache_clear()
+    assert skinny.available() and library.stat().st_mtime_ns == built
+
+
+def test_without_a_working_compiler_decoding_falls_back_with_a_warning(
+    tmp_path, monkeypatch, caplog, fresh_library
+):
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip(f"the build is only tried on x86; this is {platform.machine()}")
+    monkeypatch.setenv("DISTILLM_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", shutil.which("false") or "/bin/false")  # a "compiler" that always fails
+    with caplog.at_level(logging.WARNING, logger="distillm.kernels.skinny"):
+        assert not skinny.available()
+    assert "unavailable" in caplog.text and "false" in caplog.text
+    assert list(tmp_path.iterdir()) == []  # nothing half-built left in the cache
+    with pytest.raises(RuntimeError, match="unavailable here"):
+        skinny.skinny_linear(torch.randn(1, 4), torch.randn(3, 4))
+
+
+def test_the_kernel_can_be_turned_off(monkeypatch, fresh_library):
+    monkeypatch.setenv("DISTILLM_NATIVE_KERNELS", "0")
+    assert not skinny.available()
