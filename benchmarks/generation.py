@@ -11,8 +11,9 @@ up to float rounding), a third column "ours, as loaded" runs our sampler on a co
 that swap, which is what `distillm train/generate/evaluate` actually sample from; `generate` keeps the
 Hugging Face modules. For Llama-family models the loader changes nothing, and the column repeats "ours".
 
-Our sampler packs the weights for oneDNN (`GenerationConfig.pack_weights`, on by default) inside each timed
-call, so the packing's cost is counted; `--no-pack-weights` measures it without.
+Our sampler runs its decoding steps' linear maps through our AVX2 kernel, or packs the weights for oneDNN
+where that cannot run (`GenerationConfig.pack_weights`, on by default; docs/generation.md, point 5) inside
+each timed call, so any packing cost is counted; `--no-pack-weights` measures it without.
 
     python benchmarks/generation.py                      # tiny GPT-2 student and SmolLM2-shaped 4-layer Llama
     python benchmarks/generation.py --models tiny --new-tokens 64 --repeats 3
@@ -137,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-pack-weights",
         dest="pack_weights",
         action="store_false",
-        help="sample without packing the weights for oneDNN (GenerationConfig.pack_weights=false)",
+        help="sample with torch's own linear maps: no native kernel, no oneDNN packing (GenerationConfig.pack_weights=false)",
     )
     return parser
 

@@ -351,6 +351,29 @@ def test_packed_maps_are_used_without_gradients_only_and_follow_the_weights_once
     assert decoder.packed(model.model.layers[0].mlp.up_proj) and not decoder.packed(projection)
 
 
+def test_our_kernel_gets_a_transposed_copy_of_gpt2_s_conv1d_maps(monkeypatch):
+    use_kind("native", monkeypatch)
+    model = build("gpt2")
+    decoder = fast_decoder(model)
+    decoder.pack_weights(3, min_weights=0)
+    projection = model.transformer.h[0].mlp.c_fc  # Conv1D: weight [in 32, out 128], x @ W + b
+    assert decoder._packed.kind(projection) == "native"
+    inputs = torch.randn(3, 32, generator=torch.Generator().manual_seed(0))
+
+    def assert_close_to_module():
+        expected = projection(inputs)
+        magnitude = inputs.abs() @ projection.weight.abs() + projection.bias.abs()
+        bound = rounding_bound(torch.float32, 32 + 1, 1.0) * magnitude
+        assert bool(((decoder.linear(projection, inputs) - expected).abs() <= bound).all())
+
+    with torch.no_grad():
+        assert_close_to_module()
+        projection.weight.mul_(2)  # the copy does not see it until packing again
+        assert not torch.allclose(decoder.linear(projection, inputs), projection(inputs))
+        decoder.pack_weights(3, min_weights=0)
+        assert_close_to_module()
+
+
 def test_the_kind_follows_the_batch_size_and_each_kind_has_its_own_default_threshold(monkeypatch):
     if not skinny.available():
         pytest.skip("the native kernel is unavailable here (tests/test_kernels.py says why)")

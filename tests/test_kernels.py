@@ -47,8 +47,10 @@ def test_the_kernel_builds_and_loads_on_an_x86_cpu_with_avx2_and_a_compiler():
 
 
 @needs_kernel
-@pytest.mark.parametrize("rows", [1, 3, 5, 8, 13, 17, 40])
-@pytest.mark.parametrize(("in_features", "out_features"), [(576, 130), (37, 64), (8, 1), (1029, 70)])
+@pytest.mark.parametrize("rows", [*range(1, 18), 40])  # every tile size 1-8, two tiles, 17 and 40 rows
+@pytest.mark.parametrize(
+    ("in_features", "out_features"), [(576, 130), (37, 64), (8, 1), (5, 9), (1029, 70)]
+)  # in_features 5: only the scalar tail runs; 37, 1029: vectors and a tail
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
 def test_the_kernel_is_within_the_rounding_bound_of_the_exact_product(
     rows, in_features, out_features, with_bias
@@ -72,7 +74,7 @@ def test_the_kernel_is_within_the_rounding_bound_of_the_exact_product(
 
 
 @needs_kernel
-def test_a_row_gets_the_same_bits_alone_in_any_batch_and_any_order():
+def test_a_row_gets_the_same_bits_alone_in_any_batch_any_order_and_with_any_threads():
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(13, 300, generator=generator)  # a full 8-row tile and a 5-row remainder
     weight = torch.randn(200, 300, generator=generator)
@@ -81,6 +83,14 @@ def test_a_row_gets_the_same_bits_alone_in_any_batch_and_any_order():
     assert torch.equal(skinny.skinny_linear(x[order], weight), batch[order])
     for row in range(13):
         assert torch.equal(skinny.skinny_linear(x[row : row + 1], weight), batch[row : row + 1])
+    threads = torch.get_num_threads()
+    try:  # each output is summed by one thread, in the same order, however many there are
+        torch.set_num_threads(1)
+        assert torch.equal(skinny.skinny_linear(x, weight), batch)
+        torch.set_num_threads(3)
+        assert torch.equal(skinny.skinny_linear(x, weight), batch)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @needs_kernel
@@ -91,11 +101,17 @@ def test_inputs_keep_their_leading_shape_may_be_strided_and_bad_ones_are_refused
     out = skinny.skinny_linear(x, weight)
     assert out.shape == (2, 3, 24)
     assert torch.equal(out, skinny.skinny_linear(x.contiguous(), weight))
-    with pytest.raises(ValueError, match=r"inputs \(2, 8\) torch.float32, weight \(24, 16\)"):
+    with pytest.raises(ValueError, match=r"inputs \(2, 8\) torch.float32 on cpu, weight \(24, 16\)"):
         skinny.skinny_linear(torch.randn(2, 8), weight)
+    with pytest.raises(ValueError, match="on meta"):  # never a pointer into another device's memory
+        skinny.skinny_linear(torch.empty(2, 16, device="meta"), weight)
+    with pytest.raises(ValueError, match="no autograd"):
+        skinny.skinny_linear(torch.randn(2, 16), weight.clone().requires_grad_())
+    with torch.no_grad():
+        skinny.skinny_linear(torch.randn(2, 16), weight.clone().requires_grad_())
     with pytest.raises(ValueError, match="float64"):
         skinny.skinny_linear(torch.randn(2, 16, dtype=torch.float64), weight)
-    with pytest.raises(ValueError, match=r"bias must be float32 \[24\]"):
+    with pytest.raises(ValueError, match=r"bias must be float32 \[24\] on the CPU"):
         skinny.skinny_linear(torch.randn(2, 16), weight, torch.randn(23))
     assert not skinny.supports(weight.t()) and not skinny.supports(weight.double())
 
@@ -103,12 +119,21 @@ def test_inputs_keep_their_leading_shape_may_be_strided_and_bad_ones_are_refused
 @needs_kernel
 def test_the_library_is_built_once_into_the_cache_and_reused(tmp_path, monkeypatch, fresh_library):
     monkeypatch.setenv("DISTILLM_KERNEL_CACHE", str(tmp_path))
+    (tmp_path / "skinny-0123456789abcdef.so").write_bytes(b"an older version's library")
     assert skinny.available()
-    (library,) = tmp_path.iterdir()  # one library, no partial file left
+    (library,) = tmp_path.iterdir()  # one library: no partial file left, the older version removed
     assert library.name.startswith("skinny-") and library.suffix == ".so"
     built = library.stat().st_mtime_ns
     skinny._library.cache_clear()
     assert skinny.available() and library.stat().st_mtime_ns == built
+    # A cached library that does not load (truncated, say) is built again. (In another folder: this one's is
+    # loaded now, and dlopen would hand back the loaded one for the same path.)
+    other = tmp_path.parent / f"{tmp_path.name}-other"
+    other.mkdir()
+    (other / library.name).write_bytes(b"not a shared library")
+    monkeypatch.setenv("DISTILLM_KERNEL_CACHE", str(other))
+    skinny._library.cache_clear()
+    assert skinny.available() and (other / library.name).stat().st_size > 1000
 
 
 def test_without_a_working_compiler_decoding_falls_back_with_a_warning(
@@ -117,10 +142,11 @@ def test_without_a_working_compiler_decoding_falls_back_with_a_warning(
     if platform.machine().lower() not in ("x86_64", "amd64"):
         pytest.skip(f"the build is only tried on x86; this is {platform.machine()}")
     monkeypatch.setenv("DISTILLM_KERNEL_CACHE", str(tmp_path))
-    monkeypatch.setenv("CC", shutil.which("false") or "/bin/false")  # a "compiler" that always fails
+    # A "compiler" that always fails, given as a command line with an argument (as CC="ccache gcc" would be).
+    monkeypatch.setenv("CC", f"{shutil.which('false') or '/bin/false'} --quiet")
     with caplog.at_level(logging.WARNING, logger="distillm.kernels.skinny"):
         assert not skinny.available()
-    assert "unavailable" in caplog.text and "false" in caplog.text
+    assert "unavailable" in caplog.text and "false --quiet failed" in caplog.text and "CC=gcc" in caplog.text
     assert list(tmp_path.iterdir()) == []  # nothing half-built left in the cache
     with pytest.raises(RuntimeError, match="unavailable here"):
         skinny.skinny_linear(torch.randn(1, 4), torch.randn(3, 4))
@@ -129,3 +155,14 @@ def test_without_a_working_compiler_decoding_falls_back_with_a_warning(
 def test_the_kernel_can_be_turned_off(monkeypatch, fresh_library):
     monkeypatch.setenv("DISTILLM_NATIVE_KERNELS", "0")
     assert not skinny.available()
+
+
+def test_an_unwritable_cache_says_which_variable_moves_it(tmp_path, monkeypatch, caplog, fresh_library):
+    if WHY_NOT is not None:
+        pytest.skip(WHY_NOT)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("DISTILLM_KERNEL_CACHE", str(blocker / "kernels"))  # a folder under a file
+    with caplog.at_level(logging.WARNING, logger="distillm.kernels.skinny"):
+        assert not skinny.available()
+    assert "DISTILLM_KERNEL_CACHE" in caplog.text and "a-file" in caplog.text

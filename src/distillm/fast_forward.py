@@ -243,7 +243,8 @@ class FastDecoder:
         A decoding step multiplies a few rows by every weight matrix of the model; for such skinny products
         torch's ``F.linear`` reads the weights at a fraction of the memory bandwidth
         (:mod:`distillm.kernels.packing`). Up to ``NATIVE_MAX_ROWS`` rows, where our AVX2 kernel
-        (:mod:`distillm.kernels.skinny`) is available, the maps run through it on the modules' own weights;
+        (:mod:`distillm.kernels.skinny`) is available, the maps run through it (on ``nn.Linear``'s own weights,
+        a transposed copy of GPT-2's ``Conv1D``);
         otherwise they are copied into oneDNN's blocked layout, a second copy of the weights held as long as
         this object. Either is used by every later :meth:`prefill`, :meth:`step` and :meth:`linear` while
         gradients are off (``generation.sample`` packs after its prefill); pack once per decoding run, after

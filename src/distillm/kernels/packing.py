@@ -80,10 +80,12 @@ class PackedLinears:
     """Linear maps made ready for decoding: module -> (kind, weight, bias or None), used while gradients are off.
 
     Two kinds. ``"native"`` (:mod:`distillm.kernels.skinny`, for batches of at most :data:`NATIVE_MAX_ROWS`
-    rows where it is available): the module's own ``[out, in]`` weight, not a copy, so an in-place change
-    of it is seen (GPT-2's ``Conv1D`` stores ``[in, out]`` and gets a transposed copy). ``"onednn"``:
-    oneDNN's blocked copy, a second set of the weights, taken by :meth:`pack`, so a later change of the
-    weights is not seen until they are packed again. Either way, pack after the weights last changed.
+    rows where it is available): an ``nn.Linear``'s own contiguous ``[out, in]`` weight, not a copy, so an
+    in-place change of it is seen; GPT-2's ``Conv1D`` (which stores ``[in, out]``) and non-contiguous
+    weights get a ``[out, in]`` copy, taken by :meth:`pack`. ``"onednn"``: oneDNN's blocked copy of every
+    weight, taken by :meth:`pack`. A copy does not see a later change of the weight; a parameter replaced
+    rather than changed in place (``module.weight = ...``) is not seen by either kind. Biases are held as
+    they are (shared memory). So pack after the weights last changed.
     """
 
     def __init__(self) -> None:
@@ -146,10 +148,15 @@ class PackedLinears:
         return True
 
     def linear(self, module: nn.Module, inputs: Tensor) -> Tensor:
-        """``module(inputs)``, through its packed form when there is one, gradients are off and inputs float32
-        (for the native kind: at most :data:`NATIVE_MAX_ROWS` rows, as a prompt's forward has more)."""
+        """``module(inputs)``, through its packed form when there is one, gradients are off and inputs are float32
+        on the CPU (for the native kind: at most :data:`NATIVE_MAX_ROWS` rows; a prompt's forward has more)."""
         entry = self._maps.get(module) if self._maps else None
-        if entry is None or torch.is_grad_enabled() or inputs.dtype != torch.float32:
+        if (
+            entry is None
+            or torch.is_grad_enabled()
+            or inputs.dtype != torch.float32
+            or inputs.device.type != "cpu"
+        ):
             return module(inputs)
         kind, weight, bias = entry
         if kind == "native":
