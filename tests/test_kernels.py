@@ -157,6 +157,13 @@ def test_the_kernel_can_be_turned_off(monkeypatch, fresh_library):
     assert not skinny.available()
 
 
+def test_a_switch_value_other_than_0_or_1_is_named_in_a_warning(monkeypatch, caplog, fresh_library):
+    monkeypatch.setenv("DISTILLM_NATIVE_KERNELS", "off")
+    with caplog.at_level(logging.WARNING, logger="distillm.kernels.skinny"):
+        skinny.available()
+    assert "DISTILLM_NATIVE_KERNELS='off' is neither 0 (off) nor 1 (on)" in caplog.text
+
+
 def test_an_unwritable_cache_says_which_variable_moves_it(tmp_path, monkeypatch, caplog, fresh_library):
     if WHY_NOT is not None:
         pytest.skip(WHY_NOT)

@@ -97,9 +97,14 @@ def _build(compiler: list[str], rebuild: bool = False) -> Path:
 def _library() -> ctypes.CDLL | None:
     """The loaded kernel library, or None (the reason logged once: at WARNING where building or loading
     failed, at INFO where this machine cannot have it or it was turned off)."""
-    if os.environ.get("DISTILLM_NATIVE_KERNELS", "1") == "0":
+    switch = os.environ.get("DISTILLM_NATIVE_KERNELS", "1")
+    if switch == "0":
         logger.info("native kernels off (DISTILLM_NATIVE_KERNELS=0): decoding uses torch's linear maps")
         return None
+    if switch not in ("1", ""):
+        logger.warning(
+            "DISTILLM_NATIVE_KERNELS=%r is neither 0 (off) nor 1 (on): the kernel stays on", switch
+        )
     if platform.machine().lower() not in ("x86_64", "amd64"):
         logger.info("no native decoding kernel for %s CPUs: decoding uses torch's", platform.machine())
         return None
