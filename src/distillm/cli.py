@@ -19,6 +19,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from distillm.allocator import keep_freed_memory
 from distillm.errors import UserError
 from distillm.faults import TrainingStopped, resume_command
 from distillm.storage import StorageError
@@ -77,6 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    # Before any tensor: freed [tokens x vocab] blocks are reused instead of faulted in again (allocator.py).
+    keep_freed_memory()
     module = importlib.import_module(COMMANDS[args.command][0])
     # Only the first process of a launch says how to resume; every process exits with the same code.
     first = os.environ.get("RANK", "0") == "0"
