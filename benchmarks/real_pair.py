@@ -227,8 +227,12 @@ def main(argv=None) -> int:
     # Three warm-ups: with freed memory kept, the heap grows over the first steps until the holes that freed
     # tensors leave fit the next step's (distillm/allocator.py); the timed steps are the steady state.
     faults_before = minor_faults()
-    kd_seconds = median_seconds(timed_kd, args.repeats, warmups=TRAINING_WARMUPS)
-    faults = (minor_faults() - faults_before) / (args.repeats + TRAINING_WARMUPS)
+    for _ in range(TRAINING_WARMUPS):
+        timed_kd()
+    warmup_faults = (minor_faults() - faults_before) / TRAINING_WARMUPS
+    faults_before = minor_faults()
+    kd_seconds = median_seconds(timed_kd, args.repeats, warmups=0)
+    faults = (minor_faults() - faults_before) / args.repeats
     timed = parts[TRAINING_WARMUPS:]
     teacher_s = statistics.median(p["teacher"] for p in timed)
     student_s = statistics.median(p["student"] for p in timed)
@@ -238,7 +242,7 @@ def main(argv=None) -> int:
         f"student (fp32, fwd+bwd) {student_flops / 1e9:.1f} G; utilisation {100 * ideal / kd_seconds:.1f}% "
         f"(goal 60%): teacher {100 * teacher_flops / peaks[args.teacher_dtype] / teacher_s:.1f}% of its peak "
         f"in {teacher_s:.3f} s, student {100 * student_flops / peaks['fp32'] / student_s:.1f}% in {student_s:.3f} s; "
-        f"{faults:,.0f} page faults a step (warm-ups included)"
+        f"page faults a step: {faults:,.0f} timed, {warmup_faults:,.0f} in the {TRAINING_WARMUPS} warm-ups"
     )
 
     # 2. The DistiLLM step on fresh samples: sampling, then the skew reverse KL step on what was sampled.

@@ -11,6 +11,8 @@ import textwrap
 
 import pytest
 
+from distillm import allocator
+
 
 def _glibc() -> bool:
     try:
@@ -19,8 +21,15 @@ def _glibc() -> bool:
         return False
 
 
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 glibc_linux = pytest.mark.skipif(
-    not sys.platform.startswith("linux") or not _glibc(), reason="the setting is for glibc's malloc on Linux"
+    not sys.platform.startswith("linux") or not _glibc() or _cuda(),
+    reason="the setting is for glibc's malloc on Linux machines without a CUDA device",
 )
 
 # A fresh interpreter runs a "training step" twelve times: a product, a log-softmax and its backward over
@@ -56,12 +65,15 @@ CHILD = textwrap.dedent(
 )
 
 
+# The child's environment without anything that would change its malloc: our switch, glibc's own settings,
+# a preloaded allocator, a multi-process launch.
+_MALLOC_ENVIRONMENT = ("DISTILLM_KEEP_FREED_MEMORY", "GLIBC_TUNABLES", "LD_PRELOAD", "WORLD_SIZE")
+
+
 @functools.cache  # one child per setting for the whole file
 def run_child(switch: str | None) -> tuple[dict, str]:
     env = {
-        k: v
-        for k, v in os.environ.items()
-        if k != "DISTILLM_KEEP_FREED_MEMORY" and not k.startswith("MALLOC_")
+        k: v for k, v in os.environ.items() if k not in _MALLOC_ENVIRONMENT and not k.startswith("MALLOC_")
     }
     if switch is not None:
         env["DISTILLM_KEEP_FREED_MEMORY"] = switch
@@ -70,24 +82,27 @@ def run_child(switch: str | None) -> tuple[dict, str]:
     return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
 
 
+def later_faults(result: dict) -> float:
+    """Mean page faults of steps 7-12, once the heap has grown."""
+    later = result["faults"][6:]
+    return sum(later) / len(later)
+
+
 @glibc_linux
 def test_freed_blocks_are_reused_without_page_faults_once_the_heap_has_grown():
-    result, _ = run_child(None)
-    assert result["applied"] is True
-    first, later = result["faults"][0], result["faults"][6:]
-    assert first >= 48 * 2**20 // (2 * 2**20)  # the first step faulted its blocks in (>= 1 per 2 MiB page)
-    # The heap grows over the first steps (a freed hole is reused once it is large enough for the next
-    # step's aligned request), now and then later too; from then on most steps find all their memory
-    # resident. Seen here: later steps average 0-8% of the first's faults (glibc's default: ~100%).
-    assert sum(later) / len(later) < first / 4, result
-
-
-@glibc_linux
-def test_switched_off_every_step_faults_its_blocks_in_again():
-    result, _ = run_child("0")
-    assert result["applied"] is False
-    first, later = result["faults"][0], result["faults"][6:]
-    assert sum(later) / len(later) > first / 2, result  # each freed block went back to the kernel
+    on, _ = run_child(None)  # the default
+    off, _ = run_child("0")
+    assert on["applied"] is True and off["applied"] is False
+    if later_faults(off) < 1000:
+        pytest.skip(
+            f"glibc's default costs only {later_faults(off):.0f} page faults a step here (huge pages, or "
+            "faults not counted): nothing to compare"
+        )
+    # Each step of the default faults both 48 MiB blocks in again (~24,600 faults at 4 KiB pages). With the
+    # setting the heap grows over the first steps (a freed hole is reused once it is large enough for the
+    # next step's aligned request), now and then later too, and most later steps fault nothing; seen here:
+    # 0-8% of the default's faults.
+    assert later_faults(on) < later_faults(off) / 4, (on, off)
 
 
 @glibc_linux
@@ -103,6 +118,46 @@ def test_an_unknown_switch_value_warns_and_keeps_the_setting_on():
     result, stderr = run_child("yes")
     assert result["applied"] is True
     assert "DISTILLM_KEEP_FREED_MEMORY='yes' is neither 0 (off) nor 1 (on)" in stderr
+
+
+@pytest.mark.parametrize(
+    "variable, value",
+    [
+        ("MALLOC_TRIM_THRESHOLD_", "131072"),
+        ("MALLOC_MMAP_MAX_", "65536"),
+        ("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=1048576"),
+        ("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"),
+        ("WORLD_SIZE", "2"),
+    ],
+)
+def test_malloc_is_left_alone_under_the_users_settings_and_in_multi_process_launches(
+    monkeypatch, variable, value
+):
+    # Refused before mallopt is called, so this process's malloc is untouched.
+    monkeypatch.delenv("DISTILLM_KEEP_FREED_MEMORY", raising=False)
+    monkeypatch.setenv(variable, value)
+    allocator.keep_freed_memory.cache_clear()
+    try:
+        assert allocator.keep_freed_memory() is False
+    finally:
+        allocator.keep_freed_memory.cache_clear()
+
+
+def test_a_cuda_device_leaves_malloc_alone(monkeypatch):
+    import torch
+
+    monkeypatch.delenv("DISTILLM_KEEP_FREED_MEMORY", raising=False)
+    for name in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    allocator.keep_freed_memory.cache_clear()
+    try:
+        assert allocator.keep_freed_memory() is False
+    finally:
+        allocator.keep_freed_memory.cache_clear()
 
 
 def test_the_command_line_applies_it_before_running_a_command(monkeypatch, tmp_path):

@@ -83,13 +83,19 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "model.safetensors"))
 
 
-def assert_same_run(one: Path, two: Path, steps: int = 4, spread: Path | None = None) -> None:
-    """``two`` (several processes) trained like ``one`` (one process), within the bounds above."""
+def assert_same_run(
+    one: Path, two: Path, steps: int = 4, spread: Path | None = None, loss_scale: float = 0.0
+) -> None:
+    """``two`` (several processes) trained like ``one`` (one process), within the bounds above.
+
+    ``loss_scale``: the magnitude of the terms a loss is summed from, where it can be far smaller than they
+    are (a difference of terms, near zero): the loss bound is then relative to it, not to the loss.
+    """
     assert len(losses(one)) == len(losses(two)) == steps
     first, second = weights(one / "last"), weights(two / "last")
     assert first.keys() == second.keys()
     reference_losses = torch.tensor(losses(one), dtype=torch.float64)
-    allowed_losses = LOSS_RTOL * reference_losses.abs()
+    allowed_losses = LOSS_RTOL * reference_losses.abs().clamp_min(loss_scale)
     twin = {}
     if spread is not None:
         twin_distance = max_error(torch.tensor(losses(spread), dtype=torch.float64), reference_losses)

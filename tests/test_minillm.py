@@ -494,4 +494,7 @@ def test_deepspeed_zero_runs_minillm_like_data_parallel(
     overrides = minillm_overrides(task_data, quiet_pair["student"], quiet_pair["teacher"], run, **extra)
     launch_minillm(deepspeed_launcher(stage), overrides)
     assert json.loads((run / "summary.json").read_text())["world_size"] == 2
-    assert_same_run(data_parallel_run, run, steps=4)
+    # MiniLLM's loss is the policy term (a mean over tokens of clipped ratio x whitened advantage: terms of
+    # unit scale, summing to near zero) plus the single-step term: its rounding follows the unit scale of
+    # those terms, not the loss (seen on an AMD EPYC Zen 5: 2.7e-7 on a loss of -0.019).
+    assert_same_run(data_parallel_run, run, steps=4, loss_scale=1.0)

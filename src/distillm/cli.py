@@ -78,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    # Before any tensor: freed [tokens x vocab] blocks are reused instead of faulted in again (allocator.py).
+    # Before the command's work: freed [tokens x vocab] blocks are reused, not faulted in again (allocator.py).
     keep_freed_memory()
     module = importlib.import_module(COMMANDS[args.command][0])
     # Only the first process of a launch says how to resume; every process exits with the same code.
