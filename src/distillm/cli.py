@@ -88,10 +88,15 @@ def _exit_before_teardown(code: int) -> None:
     in 0 of 30 that ended this way. The launcher would then report a failed run.
     """
     import atexit
+    import ctypes
 
     atexit._run_exitfuncs()  # what interpreter teardown would run first (logging, tensorboard writers, ...)
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
+    try:
+        ctypes.CDLL(None).fflush(None)  # what C libraries printed (os._exit skips the C library's exit)
+    except (OSError, AttributeError, TypeError):
+        pass
     os._exit(code)
 
 
