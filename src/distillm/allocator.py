@@ -30,6 +30,8 @@ import logging
 import os
 import sys
 
+from distillm.environment import launched_processes, switched_on
+
 logger = logging.getLogger(__name__)
 
 # glibc's malloc.h
@@ -54,14 +56,9 @@ def keep_freed_memory() -> bool:
     settings themselves (``MALLOC_*_`` variables,
     ``GLIBC_TUNABLES``) or preloads another allocator; off Linux; with a C library other than glibc.
     """
-    switch = os.environ.get("DISTILLM_KEEP_FREED_MEMORY", "1")
-    if switch == "0":
+    if not switched_on("DISTILLM_KEEP_FREED_MEMORY", "freed memory is kept (on)", logger):
         logger.debug("DISTILLM_KEEP_FREED_MEMORY=0: malloc keeps its defaults")
         return False
-    if switch not in ("1", ""):
-        logger.warning(
-            "DISTILLM_KEEP_FREED_MEMORY=%r is neither 0 (off) nor 1 (on): freed memory is kept (on)", switch
-        )
     reason = _reason_to_leave_malloc_alone()
     if reason is not None:
         logger.debug("malloc keeps its defaults: %s", reason)
@@ -100,8 +97,8 @@ def _reason_to_leave_malloc_alone() -> str | None:
     chosen += [name for name in _USER_TUNABLES if name in tunables]
     if chosen:
         return f"the user's own malloc settings stand ({', '.join(chosen)})"
-    world_size = os.environ.get("WORLD_SIZE", "1").strip()
-    if world_size.isdigit() and int(world_size) > 1:
+    world_size = launched_processes()
+    if world_size > 1:
         # Several processes share the machine's memory (and DeepSpeed's CPU paths exist to save it): each
         # keeping its own peak heap costs more there than page faults do.
         return f"one of {world_size} processes (WORLD_SIZE)"

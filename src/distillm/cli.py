@@ -20,6 +20,7 @@ import sys
 from collections.abc import Sequence
 
 from distillm.allocator import keep_freed_memory
+from distillm.environment import launched_processes
 from distillm.errors import UserError
 from distillm.faults import TrainingStopped, resume_command
 from distillm.storage import StorageError
@@ -68,14 +69,9 @@ def print_config(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     code = _main(argv)
-    if _one_of_several_processes():
+    if launched_processes() > 1:
         _exit_before_teardown(code)
     return code
-
-
-def _one_of_several_processes() -> bool:
-    world_size = os.environ.get("WORLD_SIZE", "1").strip()
-    return world_size.isdigit() and int(world_size) > 1
 
 
 def _exit_before_teardown(code: int) -> None:

@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from distillm.environment import switched_on
+
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("skinny.c")
@@ -97,14 +99,9 @@ def _build(compiler: list[str], rebuild: bool = False) -> Path:
 def _library() -> ctypes.CDLL | None:
     """The loaded kernel library, or None (the reason logged once: at WARNING where building or loading
     failed, at INFO where this machine cannot have it or it was turned off)."""
-    switch = os.environ.get("DISTILLM_NATIVE_KERNELS", "1")
-    if switch == "0":
+    if not switched_on("DISTILLM_NATIVE_KERNELS", "the kernel stays on", logger):
         logger.info("native kernels off (DISTILLM_NATIVE_KERNELS=0): decoding uses torch's linear maps")
         return None
-    if switch not in ("1", ""):
-        logger.warning(
-            "DISTILLM_NATIVE_KERNELS=%r is neither 0 (off) nor 1 (on): the kernel stays on", switch
-        )
     if platform.machine().lower() not in ("x86_64", "amd64"):
         logger.info("no native decoding kernel for %s CPUs: decoding uses torch's", platform.machine())
         return None
