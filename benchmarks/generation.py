@@ -11,7 +11,7 @@ up to float rounding), a third column "ours, as loaded" runs our sampler on a co
 that swap, which is what `distillm train/generate/evaluate` actually sample from; `generate` keeps the
 Hugging Face modules. For Llama-family models the loader changes nothing, and the column repeats "ours".
 
-Our sampler runs its decoding steps' linear maps through our AVX2 kernel, or packs the weights for oneDNN
+Our sampler runs its decoding steps' linear maps through our own kernel, or packs the weights for oneDNN
 where that cannot run (`GenerationConfig.pack_weights`, on by default; docs/generation.md, point 5) inside
 each timed call, so any packing cost is counted; `--no-pack-weights` measures it without.
 

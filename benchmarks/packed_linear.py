@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
 
     native = skinny.available()
     print(
-        f"our kernel: {'available' if native else 'unavailable (see the log)'}; thresholds: oneDNN from "
+        f"our kernel: {f'available, {skinny.instruction_set()} path' if native else 'unavailable (see the log)'}; "
+        "thresholds: oneDNN from "
         f"{MIN_PACKED_WEIGHTS:,} weights, ours from {MIN_NATIVE_WEIGHTS:,}"
     )
 
@@ -193,8 +194,20 @@ def main(argv: list[str] | None = None) -> int:
                 packed_linear(x, packed, None) if packed is not None else F.linear(x, weight)
 
         functions = {"onednn": run_onednn}
+        wide = skinny.instruction_set() == "avx512"
         if native:
             functions["native"] = lambda: [skinny.skinny_linear(rows[w.shape[1]], w) for w in maps]
+            # As the decoder calls them: q/k/v in one call, o, gate/up in one call, down; checked once.
+            groups = [
+                (skinny.Maps([b[n] for n in names]), rows[b[names[0]].shape[1]])
+                for b in blocks
+                for names in (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
+            ]
+            functions["grouped"] = lambda: [group(x) for group, x in groups]
+            if wide:  # the same bits through the AVX2 path
+                functions["avx2"] = lambda: [
+                    skinny.skinny_linear(rows[w.shape[1]], w, avx512=False) for w in maps
+                ]
         ms = alternating(functions, args.repeats, calls=10)
         megabytes = sum(w.numel() for w in maps) * 4 / 1e6
         print(
@@ -205,8 +218,15 @@ def main(argv: list[str] | None = None) -> int:
         if native:
             line += (
                 f"; ours (all {len(maps)}): {ms['native'] * 1e3:.2f} ms ({megabytes / 1e3 / ms['native']:.1f} GB/s); "
-                f"oneDNN / ours {ms['onednn'] / ms['native']:.2f}x"
+                f"oneDNN / ours {ms['onednn'] / ms['native']:.2f}x; ours as the decoder groups them "
+                f"({len(groups)} calls): {ms['grouped'] * 1e3:.2f} ms ({megabytes / 1e3 / ms['grouped']:.1f} GB/s), "
+                f"{ms['native'] / ms['grouped']:.2f}x the {len(maps)} calls"
             )
+            if wide:
+                line += (
+                    f"; ours through its AVX2 path (this CPU takes the AVX-512 one): {ms['avx2'] * 1e3:.2f} ms "
+                    f"({megabytes / 1e3 / ms['avx2']:.1f} GB/s), AVX2 / AVX-512 {ms['avx2'] / ms['native']:.2f}x"
+                )
         print(line)
     print(f"\nload average {os.getloadavg()[0]:.2f} at the end")
     return 0

@@ -242,9 +242,9 @@ class FastDecoder:
 
         A decoding step multiplies a few rows by every weight matrix of the model; for such skinny products
         torch's ``F.linear`` reads the weights at a fraction of the memory bandwidth
-        (:mod:`distillm.kernels.packing`). Up to ``NATIVE_MAX_ROWS`` rows, where our AVX2 kernel
+        (:mod:`distillm.kernels.packing`). Up to ``NATIVE_MAX_ROWS`` rows, where our kernel
         (:mod:`distillm.kernels.skinny`) is available, the maps run through it (on ``nn.Linear``'s own weights,
-        a transposed copy of GPT-2's ``Conv1D``);
+        a transposed copy of GPT-2's ``Conv1D``; a layer's maps of the same input in one call);
         otherwise they are copied into oneDNN's blocked layout, a second copy of the weights held as long as
         this object. Either is used by every later :meth:`prefill`, :meth:`step` and :meth:`linear` while
         gradients are off (``generation.sample`` packs after its prefill); pack once per decoding run, after
@@ -289,7 +289,7 @@ class FastDecoder:
     def _projections(self, layer: nn.Module, hidden: Tensor, extra) -> tuple[Tensor, Tensor, Tensor]:
         """Queries ``[B, heads, T, d]``, keys and values ``[B, KV heads, T, d]`` of the layer input ``[B, T, H]``."""
         normed = self.layout.attention_norm(layer, hidden)
-        return self.layout.projections(layer, normed, extra, self.linear)
+        return self.layout.projections(layer, normed, extra, self._packed)
 
     def _attention(self, layer: nn.Module, query: Tensor, key: Tensor, value: Tensor, mask) -> Tensor:
         """Scaled dot-product attention ``[B, heads, Q, d]`` -> merged heads ``[B, Q, heads * d]``."""
@@ -308,11 +308,11 @@ class FastDecoder:
 
     def _finish(self, layer: nn.Module, hidden: Tensor, attended: Tensor) -> Tensor:
         """Output projection, residual, MLP and residual of a layer; ``hidden`` is the layer's input."""
-        hidden = hidden + self.layout.attention_output(layer, attended, self.linear)
+        hidden = hidden + self.layout.attention_output(layer, attended, self._packed)
         normed = self.layout.mlp_norm(layer, hidden)
         if layer.mlp not in self._packed_mlps or torch.is_grad_enabled():
             return hidden + layer.mlp(normed)
-        return hidden + self.layout.packed_mlp(layer.mlp, normed, self.linear)
+        return hidden + self.layout.packed_mlp(layer.mlp, normed, self._packed)
 
     def _layer(
         self,

@@ -15,13 +15,20 @@ hidden states, decoding logits and gradients against the Hugging Face forward.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from torch import Tensor, nn
 
-# `FastDecoder.linear`: a module's forward, or its packed copy while decoding (distillm.kernels.packing).
-Linear = Callable[[nn.Module, Tensor], Tensor]
+
+class Linear(Protocol):
+    """A module's forward, or its packed copy while decoding (``distillm.kernels.packing.PackedLinears``)."""
+
+    def __call__(self, module: nn.Module, inputs: Tensor) -> Tensor: ...
+
+    def many(self, modules: Sequence[nn.Module], inputs: Tensor) -> list[Tensor]:
+        """Several maps of the same inputs (one kernel call where they are all packed for it)."""
+        ...
 
 
 class DecoderLayout(Protocol):
@@ -186,9 +193,10 @@ class LlamaLayout:
     ) -> tuple[Tensor, Tensor, Tensor]:
         batch, width, _ = normed.shape
         attention = layer.self_attn
-        query = linear(attention.q_proj, normed).view(batch, width, self.heads, self.head_dim)
-        key = linear(attention.k_proj, normed).view(batch, width, self.kv_heads, self.head_dim)
-        value = linear(attention.v_proj, normed).view(batch, width, self.kv_heads, self.head_dim)
+        query, key, value = linear.many([attention.q_proj, attention.k_proj, attention.v_proj], normed)
+        query = query.view(batch, width, self.heads, self.head_dim)
+        key = key.view(batch, width, self.kv_heads, self.head_dim)
+        value = value.view(batch, width, self.kv_heads, self.head_dim)
         if hasattr(attention, "q_norm"):  # Qwen3: RMS norm over each head's vector, before the rotation
             query, key = attention.q_norm(query), attention.k_norm(key)
         cos, sin = extra
@@ -213,8 +221,8 @@ class LlamaLayout:
         return [mlp.gate_proj, mlp.up_proj, mlp.down_proj] if type(mlp).__name__ in _GATED_MLPS else None
 
     def packed_mlp(self, mlp: nn.Module, hidden: Tensor, linear: Linear) -> Tensor:
-        gate = mlp.act_fn(linear(mlp.gate_proj, hidden))  # the gated MLP's forward (_GATED_MLPS)
-        return linear(mlp.down_proj, gate * linear(mlp.up_proj, hidden))
+        gate, up = linear.many([mlp.gate_proj, mlp.up_proj], hidden)  # the gated MLP's forward (_GATED_MLPS)
+        return linear(mlp.down_proj, mlp.act_fn(gate) * up)
 
 
 # config.model_type -> its layout.

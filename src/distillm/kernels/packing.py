@@ -2,7 +2,7 @@
 
 A decoding step multiplies a few rows (the batch) by every weight matrix of the model. For such products
 torch's default ``F.linear`` reads the weights at a fraction of the memory bandwidth. :class:`PackedLinears`
-runs them through :mod:`distillm.kernels.skinny` (our AVX2 kernel, which reads the module's weights as they
+runs them through :mod:`distillm.kernels.skinny` (our kernel, which reads the module's weights as they
 are) where it is available and the batch is at most :data:`NATIVE_MAX_ROWS` rows, else through oneDNN's
 kernels on its own blocked copy of the weights (what ``torch.compile`` uses on CPUs); a call costs a fixed
 overhead more, so small maps stay unpacked. ``benchmarks/packed_linear.py`` measures all three.
@@ -13,7 +13,7 @@ build that refuses them falls back to the unpacked forward.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -90,6 +90,8 @@ class PackedLinears:
 
     def __init__(self) -> None:
         self._maps: dict[nn.Module, tuple[str, Tensor, Tensor | None]] = {}
+        # Native maps as called (one module, or several of the same input), checked once at their first call.
+        self._calls: dict[tuple[nn.Module, ...], skinny.Maps] = {}
 
     def __len__(self) -> int:
         return len(self._maps)
@@ -99,6 +101,7 @@ class PackedLinears:
 
     def clear(self) -> None:
         self._maps.clear()
+        self._calls.clear()
 
     def kind(self, module: nn.Module) -> str | None:
         """``"native"``, ``"onednn"``, or None where ``module`` is not packed."""
@@ -126,6 +129,7 @@ class PackedLinears:
         """
         if torch.is_autocast_enabled("cpu"):
             return False
+        self._calls.clear()  # a module packed again gets a new entry
         if self.kind_for(batch_size) == "native":
             for module in modules:
                 weight = linear_weight(module).contiguous()  # Conv1D: [in, out] -> a [out, in] copy
@@ -151,16 +155,41 @@ class PackedLinears:
         """``module(inputs)``, through its packed form when there is one, gradients are off and inputs are float32
         on the CPU (for the native kind: at most :data:`NATIVE_MAX_ROWS` rows; a prompt's forward has more)."""
         entry = self._maps.get(module) if self._maps else None
-        if (
-            entry is None
-            or torch.is_grad_enabled()
-            or inputs.dtype != torch.float32
-            or inputs.device.type != "cpu"
-        ):
+        if entry is None or not self._usable(inputs):
             return module(inputs)
         kind, weight, bias = entry
         if kind == "native":
-            if inputs.numel() > NATIVE_MAX_ROWS * inputs.shape[-1]:
+            if not self._native_rows(inputs):
                 return module(inputs)
-            return skinny.skinny_linear(inputs, weight, bias)
+            return self._native((module,))(inputs)[0]
         return packed_linear(inputs, weight, bias)
+
+    __call__ = linear
+
+    def many(self, modules: Sequence[nn.Module], inputs: Tensor) -> list[Tensor]:
+        """``[module(inputs) for module in modules]``: one call of our kernel where every one is packed for it
+        (a layer's query, key and value maps; same bits as separate calls), else :meth:`linear` each."""
+        entries = [self._maps.get(module) for module in modules]
+        if (
+            len(modules) > 1
+            and all(entry is not None and entry[0] == "native" for entry in entries)
+            and self._usable(inputs)
+            and self._native_rows(inputs)
+        ):
+            return self._native(tuple(modules))(inputs)
+        return [self.linear(module, inputs) for module in modules]
+
+    def _native(self, modules: tuple[nn.Module, ...]) -> skinny.Maps:
+        call = self._calls.get(modules)
+        if call is None:
+            entries = [self._maps[module] for module in modules]
+            call = self._calls[modules] = skinny.Maps([e[1] for e in entries], [e[2] for e in entries])
+        return call
+
+    @staticmethod
+    def _usable(inputs: Tensor) -> bool:
+        return not torch.is_grad_enabled() and inputs.dtype == torch.float32 and inputs.device.type == "cpu"
+
+    @staticmethod
+    def _native_rows(inputs: Tensor) -> bool:
+        return inputs.numel() <= NATIVE_MAX_ROWS * inputs.shape[-1]

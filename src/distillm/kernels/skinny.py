@@ -1,4 +1,4 @@
-"""Our own float32 linear map for decoding-sized inputs (a few rows) on x86 CPUs with AVX2 and FMA.
+"""Our own float32 linear maps for decoding-sized inputs (a few rows) on x86 CPUs with AVX2 and FMA.
 
 A decoding step multiplies a few rows by every weight matrix of the model, so its floor is the time to read
 the weights once. torch's CPU kernels for such skinny products (MKL's and oneDNN's, packed or not) read them
@@ -11,6 +11,11 @@ The C file is compiled at first use with the system's C compiler (``$CC``, else 
 once per source and compiler, and loaded with ctypes. Where it cannot be had (no compiler, another CPU
 architecture, a CPU without AVX2/FMA, or ``DISTILLM_NATIVE_KERNELS=0``) :func:`available` is False, the
 reason is logged once (WARNING where a build or load failed, INFO otherwise), and callers use torch's kernels.
+
+On a CPU with AVX-512 the kernel takes its AVX-512 path (:func:`instruction_set`), which gives the same bits
+as the AVX2 path with about half the instructions: each output is summed in the same order on both, so the
+path a CPU takes never changes what is sampled. :func:`skinny_linears` and :class:`Maps` run several maps of
+the same input (a layer's query, key and value maps) in one call.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 
@@ -127,17 +133,21 @@ def _library() -> ctypes.CDLL | None:
     if not library.distillm_skinny_supported():
         logger.info("this CPU lacks AVX2/FMA: decoding uses torch's linear maps")
         return None
-    library.distillm_skinny_linear.restype = None
-    library.distillm_skinny_linear.argtypes = [
+    library.distillm_skinny_maps.restype = ctypes.c_int
+    library.distillm_skinny_maps.argtypes = [
         ctypes.c_void_p,  # x
         ctypes.c_int64,  # rows
         ctypes.c_int64,  # in
-        ctypes.c_void_p,  # w
-        ctypes.c_int64,  # out features
-        ctypes.c_void_p,  # bias or NULL
-        ctypes.c_void_p,  # out
+        ctypes.c_int,  # maps
+        ctypes.c_void_p,  # weights: const float *[maps]
+        ctypes.c_void_p,  # out features: int64 [maps]
+        ctypes.c_void_p,  # biases: const float *[maps], NULL for none
+        ctypes.c_void_p,  # outputs: float *[maps]
         ctypes.c_int,  # threads
+        ctypes.c_int,  # 1: the AVX-512 path
     ]
+    library.distillm_skinny_wide.restype = ctypes.c_int
+    library.wide = bool(library.distillm_skinny_wide())  # read once: a call per map would cost ~1 us
     return library
 
 
@@ -146,51 +156,131 @@ def available() -> bool:
     return _library() is not None
 
 
+def instruction_set() -> str | None:
+    """The path :func:`skinny_linear` takes here: ``"avx512"`` (a CPU with AVX-512F), ``"avx2"``, or None
+    where the kernel is unavailable. Both give the same bits."""
+    library = _library()
+    if library is None:
+        return None
+    return "avx512" if library.wide else "avx2"
+
+
 def supports(weight: Tensor) -> bool:
     """Whether ``weight`` ``[out, in]`` is one :func:`skinny_linear` takes: float32, on the CPU, contiguous."""
     return weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.is_contiguous()
 
 
-def skinny_linear(inputs: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+def skinny_linear(
+    inputs: Tensor, weight: Tensor, bias: Tensor | None = None, *, avx512: bool | None = None
+) -> Tensor:
     """``inputs @ weight.T + bias``, ``[..., out]``, for float32 CPU tensors (``weight`` as :func:`supports`).
 
     Needs :func:`available`. Meant for a few rows (decoding); any number works. No autograd: tensors that
     require gradients are refused while gradients are on. A row's result does not depend on the other rows.
+    ``avx512``: None takes the AVX-512 path where this CPU has it; False the AVX2 path (same bits; for tests
+    and benchmarks); True requires the AVX-512 path.
     """
-    library = _library()
-    if library is None:
-        raise RuntimeError("the native decoding kernel is unavailable here; check skinny.available() first")
-    out_features, in_features = weight.shape
-    if (
-        inputs.shape[-1] != in_features
-        or inputs.dtype != torch.float32
-        or inputs.device.type != "cpu"
-        or not supports(weight)
-    ):
-        raise ValueError(
-            f"skinny_linear takes float32 CPU inputs [..., {in_features}] and a contiguous float32 weight; got "
-            f"inputs {tuple(inputs.shape)} {inputs.dtype} on {inputs.device}, weight {tuple(weight.shape)} "
-            f"{weight.dtype} on {weight.device}"
+    return skinny_linears(inputs, [weight], [bias], avx512=avx512)[0]
+
+
+def skinny_linears(
+    inputs: Tensor,
+    weights: Sequence[Tensor],
+    biases: Sequence[Tensor | None] | None = None,
+    *,
+    avx512: bool | None = None,
+) -> list[Tensor]:
+    """``[skinny_linear(inputs, w, b) for w, b in zip(weights, biases)]`` in one call of the kernel, the
+    maps' weight rows split among the threads together (a layer's query, key and value maps: one call
+    instead of three, and the threads' shares even). Same bits as the separate calls."""
+    return Maps(weights, biases)(inputs, avx512=avx512)
+
+
+class Maps:
+    """Linear maps of the same inputs, checked once and then called for each decoding step: ``maps(inputs)``
+    is :func:`skinny_linears` ``(inputs, weights, biases)`` at a fraction of its fixed cost (~5 us a call
+    instead of ~20). Holds the tensors (an in-place change of a weight is seen, as by :func:`skinny_linear`)."""
+
+    def __init__(self, weights: Sequence[Tensor], biases: Sequence[Tensor | None] | None = None):
+        library = _library()
+        if library is None:
+            raise RuntimeError(
+                "the native decoding kernel is unavailable here; check skinny.available() first"
+            )
+        weights = list(weights)
+        biases = list(biases) if biases is not None else [None] * len(weights)
+        if not weights or len(biases) != len(weights):
+            raise ValueError(
+                f"skinny_linears takes one or more weights and as many biases; got {len(weights)} and {len(biases)}"
+            )
+        self.in_features = weights[0].shape[-1]
+        for weight, bias in zip(weights, biases):
+            if weight.dim() != 2 or weight.shape[1] != self.in_features or not supports(weight):
+                raise ValueError(
+                    f"skinny_linear takes contiguous float32 CPU weights [out, {self.in_features}]; got "
+                    f"{tuple(weight.shape)} {weight.dtype} on {weight.device}"
+                    + ("" if weight.is_contiguous() else " (not contiguous)")
+                )
+            if bias is not None and (
+                bias.dtype != torch.float32 or bias.shape != (weight.shape[0],) or bias.device.type != "cpu"
+            ):
+                raise ValueError(
+                    f"bias must be float32 [{weight.shape[0]}] on the CPU; got {tuple(bias.shape)} {bias.dtype} "
+                    f"on {bias.device}"
+                )
+        self._library = library
+        # Held here while this object is: the C function reads them through the pointers below.
+        self._weights = weights
+        self._biases = [b.contiguous() if b is not None else None for b in biases]
+        self._trainable = any(t is not None and t.requires_grad for t in (*self._weights, *self._biases))
+        count = len(weights)
+        self.out_features = [w.shape[0] for w in weights]
+        self._weight_ptrs = (ctypes.c_void_p * count)(*(w.data_ptr() for w in weights))
+        self._out_features = (ctypes.c_int64 * count)(*self.out_features)
+        self._bias_ptrs = (ctypes.c_void_p * count)(
+            *(b.data_ptr() if b is not None else None for b in self._biases)
         )
-    if bias is not None and (
-        bias.dtype != torch.float32 or bias.shape != (out_features,) or bias.device.type != "cpu"
-    ):
-        raise ValueError(
-            f"bias must be float32 [{out_features}] on the CPU; got {tuple(bias.shape)} {bias.dtype} on {bias.device}"
+
+    def __call__(self, inputs: Tensor, *, avx512: bool | None = None) -> list[Tensor]:
+        """The maps of ``inputs`` ``[..., in]``: one ``[..., out]`` tensor a map. ``avx512`` as in
+        :func:`skinny_linear`."""
+        if (
+            inputs.shape[-1] != self.in_features
+            or inputs.dtype != torch.float32
+            or inputs.device.type != "cpu"
+        ):
+            raise ValueError(
+                f"skinny_linear takes float32 CPU inputs [..., {self.in_features}]; got inputs "
+                f"{tuple(inputs.shape)} {inputs.dtype} on {inputs.device}, weight "
+                + ", ".join(str((out, self.in_features)) for out in self.out_features)
+            )
+        if torch.is_grad_enabled() and (self._trainable or inputs.requires_grad):
+            raise ValueError(
+                "skinny_linear has no autograd: call it under torch.no_grad() or inference_mode()"
+            )
+        wide = self._library.wide
+        if avx512 is not None:
+            if avx512 and not wide:
+                raise ValueError("this CPU lacks AVX-512F: call skinny_linear with avx512=None or False")
+            wide = avx512
+        flat = inputs.reshape(-1, self.in_features).contiguous()
+        rows = flat.shape[0]
+        outs = [torch.empty(rows, out, dtype=torch.float32) for out in self.out_features]
+        out_ptrs = (ctypes.c_void_p * len(outs))(
+            *(o.data_ptr() for o in outs)
+        )  # named until the call returns
+        failed = self._library.distillm_skinny_maps(
+            flat.data_ptr(),
+            rows,
+            self.in_features,
+            len(outs),
+            self._weight_ptrs,
+            self._out_features,
+            self._bias_ptrs,
+            out_ptrs,
+            torch.get_num_threads(),
+            int(wide),
         )
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (inputs, weight, bias)):
-        raise ValueError("skinny_linear has no autograd: call it under torch.no_grad() or inference_mode()")
-    flat = inputs.reshape(-1, in_features).contiguous()
-    bias = bias.contiguous() if bias is not None else None  # held here while the C function reads it
-    out = torch.empty(flat.shape[0], out_features, dtype=torch.float32)
-    library.distillm_skinny_linear(
-        flat.data_ptr(),
-        flat.shape[0],
-        in_features,
-        weight.data_ptr(),
-        out_features,
-        bias.data_ptr() if bias is not None else None,
-        out.data_ptr(),
-        torch.get_num_threads(),
-    )
-    return out.view(*inputs.shape[:-1], out_features)
+        if failed:
+            raise MemoryError(f"skinny_linear: no memory for the AVX-512 path's copy of {rows} input rows")
+        return [out.view(*inputs.shape[:-1], out.shape[1]) for out in outs]
