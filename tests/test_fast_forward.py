@@ -17,6 +17,8 @@ from numerics import assert_as_accurate_as, rounding_bound
 
 VOCAB = 61
 FAMILIES = ["gpt2", "llama", "qwen2", "qwen3", "mistral"]
+# Those whose decoding layer our kernel runs whole (skinny.DecodeLayer).
+NATIVE_LAYER_FAMILIES = ["llama", "qwen2", "mistral"]
 
 
 def build(family: str, seed: int = 1, **extra):
@@ -139,6 +141,10 @@ def test_decoding_logits_equal_the_hugging_face_forward_over_the_whole_sequence(
             == 3 * (4 if family == "gpt2" else 7) + 1
         )
         assert decoder._packed.kind(model.lm_head) == packed
+        # With every map packed for our kernel, each Llama-layout layer's step is one call of it (not
+        # Qwen3's, whose q/k norms the kernel lacks): these logits check that path too.
+        whole = packed == "native" and family in NATIVE_LAYER_FAMILIES
+        assert decoder.native_layers == (3 if whole else 0)
     with torch.no_grad():
         hidden, cache = decoder.prefill(prompt_ids, prompt_mask, positions, capacity=prompt_len + new)
         steps = [hidden]
@@ -411,7 +417,9 @@ def test_packing_skips_lora_layers_other_dtypes_and_torch_builds_without_onednn(
     llama = get_peft_model(
         build("llama"), LoraConfig(r=4, target_modules=["gate_proj"], init_lora_weights=False)
     )
-    assert fast_decoder(llama).pack_weights(2, min_weights=0) == 3 * 4  # q, k, v and o of each layer
+    llama_decoder = fast_decoder(llama)
+    assert llama_decoder.pack_weights(2, min_weights=0) == 3 * 4  # q, k, v and o of each layer
+    assert llama_decoder.native_layers == 0  # a layer runs as one kernel call only with all its maps packed
     assert fast_decoder(build("llama").double()).pack_weights(2, min_weights=0) == 0
     llama = fast_decoder(build("llama"))
 
@@ -441,3 +449,33 @@ def test_onednn_bf16_support_is_a_bool_and_false_where_torch_s_private_op_is_mis
         # A build without the op: torch.ops resolves a deleted attribute again, so the namespace is replaced.
         patch.setattr(torch.ops, "mkldnn", types.SimpleNamespace())
         assert packing.onednn_bf16_supported() is False
+
+
+def test_a_whole_layer_runs_as_one_kernel_call_only_without_gradients_or_attention_dropout(monkeypatch):
+    use_kind("native", monkeypatch)
+    calls = []
+    original = skinny.DecodeLayer.__call__
+    monkeypatch.setattr(
+        skinny.DecodeLayer, "__call__", lambda self, *a, **k: calls.append(1) or original(self, *a, **k)
+    )
+    model = build("llama", attention_dropout=0.5)
+    decoder = fast_decoder(model)
+    assert decoder.pack_weights(2, min_weights=0, native_layers=False) == 3 * 7 and decoder.native_layers == 0
+    assert decoder.pack_weights(2, min_weights=0) == 3 * 7 and decoder.native_layers == 3
+    ids = torch.randint(1, VOCAB, (2, 4), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(4)[None].expand(2, -1)
+
+    def decode(grad: bool = False):
+        with torch.set_grad_enabled(grad):
+            _, cache = decoder.prefill(ids, torch.ones_like(ids), positions, capacity=6)
+            return decoder.step(ids[:, 0], positions[:, -1:] + 1, cache)
+
+    model.eval()
+    decode()
+    assert len(calls) == 3  # one call a layer
+    model.train()  # attention dropout in effect: the torch operations, which draw its masks
+    decode()
+    assert len(calls) == 3
+    model.eval()
+    decode(grad=True)  # gradients on: the modules' own forwards
+    assert len(calls) == 3

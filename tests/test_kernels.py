@@ -285,3 +285,133 @@ def test_packed_maps_of_one_input_run_in_one_call_with_each_maps_bits(monkeypatc
         assert torch.equal(mixed[0], each[0]) and torch.equal(mixed[1], other(x))
     with_grad = packed.many(maps, x)  # gradients on: the modules' own forwards, which autograd follows
     assert all(t.requires_grad and torch.equal(t, m(x)) for t, m in zip(with_grad, maps))
+
+
+def _layer_step(
+    x, weights, biases, norms, cos, sin, keys, values, length, key_mask, heads, kv_heads, scaling
+):
+    """A Llama-layout layer's decoding step written out from its formulas in plain torch, in the dtype of its
+    inputs: the independent reference of DecodeLayer (float64) and its float32 baseline. Returns (hidden after
+    the step, keys, values) with the step's key and value at position ``length``."""
+    rows, hidden = x.shape
+    d = cos.shape[1]
+    norm1, eps1, norm2, eps2 = norms
+
+    def linear(i, inputs):
+        out = inputs @ weights[i].T
+        return out + biases[i] if biases[i] is not None else out
+
+    def rms(inputs, weight, eps):
+        return weight * (inputs * torch.rsqrt(inputs.pow(2).mean(-1, keepdim=True) + eps))
+
+    def rotary(t):  # [rows, n, d]
+        half = t[..., d // 2 :], t[..., : d // 2]
+        return t * cos[:, None] + torch.cat([-half[0], half[1]], -1) * sin[:, None]
+
+    n = rms(x, norm1, eps1)
+    q = rotary(linear(0, n).view(rows, heads, d))
+    k = rotary(linear(1, n).view(rows, kv_heads, d))
+    v = linear(2, n).view(rows, kv_heads, d)
+    keys, values = keys.clone(), values.clone()
+    keys[:, :, length], values[:, :, length] = k, v
+    group = heads // kv_heads
+    cached_k = keys[:, :, : length + 1].repeat_interleave(group, 1)  # [rows, heads, positions, d]
+    cached_v = values[:, :, : length + 1].repeat_interleave(group, 1)
+    scores = torch.einsum("rhd,rhpd->rhp", q, cached_k) * scaling
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask[:, None, : length + 1], float("-inf"))
+    attended = torch.einsum("rhp,rhpd->rhd", scores.softmax(-1), cached_v).reshape(rows, heads * d)
+    x = x + linear(3, attended)
+    m = rms(x, norm2, eps2)
+    gate, up = linear(4, m), linear(5, m)
+    return x + linear(6, torch.nn.functional.silu(gate) * up), keys, values
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 3, 9])
+def test_a_whole_decoding_layer_is_as_accurate_as_its_formulas_in_float32(rows):
+    from numerics import assert_as_accurate_as
+
+    # hidden 20, inner 36 (not multiples of 8: the maps' scalar tails), head_dim 6, 4 query heads over 2
+    # key/value heads; biases on some maps only; 9 rows: a second tile of input rows.
+    g = torch.Generator().manual_seed(7)
+    hidden, inner, heads, kv_heads, d, capacity, length = 20, 36, 4, 2, 6, 7, 4
+    shapes = [(heads * d, hidden), (kv_heads * d, hidden), (kv_heads * d, hidden), (hidden, heads * d)]
+    shapes += [(inner, hidden), (inner, hidden), (hidden, inner)]
+    weights = [torch.randn(*s, generator=g) / s[1] ** 0.5 for s in shapes]
+    biases = [torch.randn(s[0], generator=g) if i in (0, 1, 2, 6) else None for i, s in enumerate(shapes)]
+    norms = (
+        1 + 0.1 * torch.randn(hidden, generator=g),
+        1e-6,
+        1 + 0.1 * torch.randn(hidden, generator=g),
+        1e-5,
+    )
+    x = torch.randn(rows, hidden, generator=g)
+    angle = torch.rand(rows, d // 2, generator=g) * 6
+    cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)
+    keys = torch.randn(rows, kv_heads, capacity, d, generator=g)
+    values = torch.randn(rows, kv_heads, capacity, d, generator=g)
+    key_mask = torch.rand(rows, capacity, generator=g) > 0.4
+    key_mask[:, length] = True  # a query always sees itself
+    scaling = d**-0.5
+
+    layer = skinny.DecodeLayer(weights, biases, norms, heads, kv_heads, d, scaling)
+    actual = x.clone(), keys.clone(), values.clone()
+    with torch.no_grad():
+        layer(actual[0], cos, sin, actual[1], actual[2], length, key_mask)
+        baseline = _layer_step(
+            x, weights, biases, norms, cos, sin, keys, values, length, key_mask, heads, kv_heads, scaling
+        )
+
+        def double(t):
+            return t.double() if t is not None else None
+
+        reference = _layer_step(
+            x.double(), [double(w) for w in weights], [double(b) for b in biases],
+            (norms[0].double(), norms[1], norms[2].double(), norms[3]),
+            cos.double(), sin.double(), keys.double(), values.double(), length, key_mask, heads, kv_heads, scaling,
+        )  # fmt: skip
+    for name, a, b, r in zip(["hidden", "keys", "values"], actual, baseline, reference):
+        assert_as_accurate_as(a, b, r, msg=name)
+    # Only position `length` of the cache is written.
+    others = torch.arange(capacity) != length
+    assert torch.equal(actual[1][:, :, others], keys[:, :, others])
+    assert torch.equal(actual[2][:, :, others], values[:, :, others])
+    # A masked key changes nothing: its value may be anything.
+    masked = ~key_mask[:, :length]
+    if masked.any():
+        noisy = values.clone()
+        noisy[:, :, :length][masked[:, None].expand(-1, kv_heads, -1)] = 1e6
+        again = x.clone(), keys.clone(), noisy
+        with torch.no_grad():
+            layer(again[0], cos, sin, again[1], again[2], length, key_mask)
+        assert torch.equal(again[0], actual[0])
+
+
+@needs_kernel
+def test_a_decoding_layer_refuses_bad_tensors_by_name():
+    hidden, inner, heads, kv_heads, d = 16, 32, 2, 1, 8
+    shapes = [(heads * d, hidden), (kv_heads * d, hidden), (kv_heads * d, hidden), (hidden, heads * d)]
+    shapes += [(inner, hidden), (inner, hidden), (hidden, inner)]
+    weights = [torch.zeros(*s) for s in shapes]
+    norms = (torch.ones(hidden), 1e-6, torch.ones(hidden), 1e-6)
+    with pytest.raises(ValueError, match=r"map 3: \(16, 8\)"):
+        skinny.DecodeLayer(
+            [*weights[:3], torch.zeros(16, 8), *weights[4:]], [None] * 7, norms, heads, kv_heads, d, 1.0
+        )
+    with pytest.raises(ValueError, match="3 query heads over 2"):
+        skinny.DecodeLayer(weights, [None] * 7, norms, 3, 2, d, 1.0)
+    layer = skinny.DecodeLayer(weights, [None] * 7, norms, heads, kv_heads, d, 1.0)
+    cos = sin = torch.ones(2, d)
+    cache = torch.zeros(2, kv_heads, 5, d)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"hidden is \(2, 15\)"):
+            layer(torch.zeros(2, 15), cos, sin, cache, cache.clone(), 0)
+        with pytest.raises(ValueError, match=r"values is .*not contiguous"):
+            layer(
+                torch.zeros(2, hidden), cos, sin, cache, cache.transpose(2, 3).contiguous().transpose(2, 3), 0
+            )
+        with pytest.raises(ValueError, match="length 5 leaves no room in a cache of 5"):
+            layer(torch.zeros(2, hidden), cos, sin, cache, cache.clone(), 5)
+        with pytest.raises(ValueError, match="key_mask"):
+            layer(torch.zeros(2, hidden), cos, sin, cache, cache.clone(), 0, torch.ones(2, 5))

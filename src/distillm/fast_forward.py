@@ -43,7 +43,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from distillm.kernels.packing import PackedLinears, packable
+from distillm.kernels import skinny
+from distillm.kernels.packing import NATIVE_MAX_ROWS, PackedLinears, packable
 from distillm.layouts import LAYOUTS, DecoderLayout
 from distillm.models import unwrap_peft
 
@@ -110,6 +111,8 @@ class FastDecoder:
         # Linear maps packed for decoding (`pack_weights`), and the MLPs all of whose maps are packed.
         self._packed = PackedLinears()
         self._packed_mlps: set[nn.Module] = set()
+        # Layers whose whole decoding step runs in one call of our kernel (`pack_weights`).
+        self._native_layers: dict[nn.Module, skinny.DecodeLayer] = {}
 
     # ----------------------------------------------------------------------------------------------------
     # Training and scoring: a right-padded batch, hidden states at the kept positions.
@@ -236,7 +239,11 @@ class FastDecoder:
         return self.layout.final_norm(hidden[:, 0])
 
     def pack_weights(
-        self, batch_size: int, head: nn.Module | None = None, min_weights: int | None = None
+        self,
+        batch_size: int,
+        head: nn.Module | None = None,
+        min_weights: int | None = None,
+        native_layers: bool = True,
     ) -> int:
         """Make the layers' linear maps (and ``head``) ready for decoding ``batch_size`` rows on a CPU.
 
@@ -254,11 +261,17 @@ class FastDecoder:
         ``min_weights`` weights (default: where each kind's fixed cost per call is repaid,
         ``MIN_NATIVE_WEIGHTS`` or ``MIN_PACKED_WEIGHTS``); anything else (peft's LoRA layers, other dtypes
         or devices) keeps its own forward. Returns how many maps were packed: 0 where neither kind can run.
+
+        ``native_layers``: where all of a layer's maps went to our kernel and the layout reproduces the
+        layer there (``layout.native_layer``: the Llama layout without Qwen3's q/k norms), :meth:`step` runs
+        the layer's whole decoding step as one call of it (:class:`distillm.kernels.skinny.DecodeLayer`)
+        instead of ~40 torch operations; it rounds differently from them. False keeps the operations.
         """
         if min_weights is None:
             min_weights = PackedLinears.min_weights(PackedLinears.kind_for(batch_size))
         self._packed.clear()
         self._packed_mlps.clear()
+        self._native_layers.clear()
         linears: list[nn.Module] = [head] if head is not None else []
         mlps: list[tuple[nn.Module, list[nn.Module]]] = []
         for layer in self.layers:
@@ -273,7 +286,17 @@ class FastDecoder:
         if not self._packed.pack(linears, batch_size):
             return 0
         self._packed_mlps.update(mlp for mlp, _ in mlps)
+        if native_layers:
+            for layer in self.layers:
+                spec = self.layout.native_layer(layer, self._packed)
+                if spec is not None:
+                    self._native_layers[layer] = spec
         return len(self._packed)
+
+    @property
+    def native_layers(self) -> int:
+        """How many layers :meth:`step` runs as one call of our kernel (after :meth:`pack_weights`)."""
+        return len(self._native_layers)
 
     def packed(self, module: nn.Module) -> bool:
         """Whether :meth:`pack_weights` packed ``module``."""
@@ -343,6 +366,23 @@ class FastDecoder:
         return self._finish(layer, hidden, self._attention(layer, query, key, value, mask))
 
     def _decode_layer(self, layer, hidden: Tensor, extra, mask, cache: KVCache, index: int) -> Tensor:
+        native = self._native_layers.get(layer) if self._native_layers else None
+        if native is not None and self._native_step_runs(layer, hidden):
+            batch, _, width = hidden.shape
+            cos, sin = (t.reshape(batch, -1).contiguous() for t in extra)
+            if cos.shape[1] == self.layout.head_dim:  # else a partial rotary embedding: the operations below
+                key_mask = cache.key_mask.view(batch, -1) if cache.key_mask is not None else None
+                hidden = hidden.contiguous()
+                native(
+                    hidden.view(batch, width),
+                    cos,
+                    sin,
+                    cache.keys[index],
+                    cache.values[index],
+                    cache.length,
+                    key_mask,
+                )
+                return hidden
         query, key, value = self._projections(layer, hidden, extra)
         start = cache.length
         cache.keys[index][:, :, start : start + 1] = key
@@ -350,6 +390,19 @@ class FastDecoder:
         keys = cache.keys[index][:, :, : start + 1]
         values = cache.values[index][:, :, : start + 1]
         return self._finish(layer, hidden, self._attention(layer, query, keys, values, mask))
+
+    def _native_step_runs(self, layer: nn.Module, hidden: Tensor) -> bool:
+        """Whether the native layer can take this step: gradients off, float32 CPU rows within the kernel's
+        batch limit, and no attention dropout in effect."""
+        attention, dropout = self.layout.attention(layer)
+        return (
+            not torch.is_grad_enabled()
+            and hidden.dtype == torch.float32
+            and hidden.device.type == "cpu"
+            and hidden.shape[0] * hidden.shape[1] <= NATIVE_MAX_ROWS
+            and hidden.shape[1] == 1
+            and not (attention.training and dropout > 0)
+        )
 
 
 def _checkpointing(model: nn.Module) -> bool:

@@ -20,6 +20,9 @@ from typing import Any, Protocol
 
 from torch import Tensor, nn
 
+from distillm.kernels import skinny
+from distillm.kernels.packing import PackedLinears
+
 
 class Linear(Protocol):
     """A module's forward, or its packed copy while decoding (``distillm.kernels.packing.PackedLinears``)."""
@@ -89,6 +92,11 @@ class DecoderLayout(Protocol):
         """``mlp(hidden)`` with its linear maps through ``linear``."""
         ...
 
+    def native_layer(self, layer: nn.Module, packed: PackedLinears) -> skinny.DecodeLayer | None:
+        """The layer's whole decoding step in one call of our kernel, where its computation is one the kernel
+        reproduces and all its maps are packed for it (``packed.native``); else None."""
+        ...
+
 
 class GPT2Layout:
     """GPT-2: learned positions, LayerNorms, one fused q/k/v ``Conv1D``, a GELU MLP (``c_fc``, ``c_proj``)."""
@@ -142,9 +150,16 @@ class GPT2Layout:
     def packed_mlp(self, mlp: nn.Module, hidden: Tensor, linear: Linear) -> Tensor:
         return mlp.dropout(linear(mlp.c_proj, mlp.act(linear(mlp.c_fc, hidden))))  # GPT2MLP.forward
 
+    def native_layer(self, layer: nn.Module, packed: PackedLinears) -> None:
+        return None  # the kernel's layer is the Llama layout's
+
 
 # MLP classes whose forward is `down_proj(act_fn(gate_proj(x)) * up_proj(x))`.
 _GATED_MLPS = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"})
+# Activation modules whose forward is `F.silu`.
+_SILUS = frozenset({"SiLU", "SiLUActivation"})
+# RMS norm classes whose forward is `weight * (x * rsqrt(mean(x^2) + variance_epsilon))` (in float32).
+_RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
 
 
 class LlamaLayout:
@@ -223,6 +238,34 @@ class LlamaLayout:
     def packed_mlp(self, mlp: nn.Module, hidden: Tensor, linear: Linear) -> Tensor:
         gate, up = linear.many([mlp.gate_proj, mlp.up_proj], hidden)  # the gated MLP's forward (_GATED_MLPS)
         return linear(mlp.down_proj, mlp.act_fn(gate) * up)
+
+    def native_layer(self, layer: nn.Module, packed: PackedLinears) -> skinny.DecodeLayer | None:
+        attention, mlp = layer.self_attn, layer.mlp
+        norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        if (
+            hasattr(attention, "q_norm")  # Qwen3's norms over each head: not in the kernel
+            or type(mlp).__name__ not in _GATED_MLPS
+            or type(mlp.act_fn).__name__ not in _SILUS
+            or any(type(norm).__name__ not in _RMS_NORMS for norm in norms)
+        ):
+            return None
+        maps = [packed.native(m) for m in (*self.attention_linears(layer), *self.mlp_linears(layer))]
+        if any(entry is None for entry in maps) or any(not skinny.supports(n.weight) for n in norms):
+            return None
+        return skinny.DecodeLayer(
+            [weight for weight, _ in maps],
+            [bias for _, bias in maps],
+            (
+                norms[0].weight.detach(),
+                norms[0].variance_epsilon,
+                norms[1].weight.detach(),
+                norms[1].variance_epsilon,
+            ),
+            self.heads,
+            self.kv_heads,
+            self.head_dim,
+            attention.scaling,
+        )
 
 
 # config.model_type -> its layout.

@@ -108,6 +108,12 @@ class PackedLinears:
         entry = self._maps.get(module)
         return entry[0] if entry is not None else None
 
+    def native(self, module: nn.Module) -> tuple[Tensor, Tensor | None] | None:
+        """``(weight [out, in], bias or None)`` that our kernel reads for ``module``, or None where it is not
+        packed as the native kind."""
+        entry = self._maps.get(module)
+        return (entry[1], entry[2]) if entry is not None and entry[0] == "native" else None
+
     @staticmethod
     def kind_for(batch_size: int) -> str:
         """The kind :meth:`pack` uses for ``batch_size`` rows: ``"native"`` where our kernel runs, else

@@ -18,6 +18,7 @@
  *   each half runs exactly the AVX2 lanes' chain, with half the instructions.
  */
 #include <immintrin.h>
+#include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -236,4 +237,137 @@ int distillm_skinny_maps(const float *x, int64_t rows, int64_t in, int maps, con
 int distillm_skinny_linear(const float *x, int64_t rows, int64_t in, const float *w, int64_t out_features,
                            const float *bias, float *out, int threads, int wide) {
     return distillm_skinny_maps(x, rows, in, 1, &w, &out_features, &bias, &out, threads, wide);
+}
+
+/* ---- a whole decoding layer of the Llama layout ---- */
+
+/* A Llama-layout layer (Llama, Mistral, Qwen2): what distillm_decode_layer reads, filled by skinny.py. */
+typedef struct {
+    int64_t hidden, heads, kv_heads, head_dim, inner;
+    const float *norm1, *norm2; /* the RMS norms' weights [hidden], before attention and before the MLP */
+    double eps1, eps2;
+    /* q [heads * d, hidden], k and v [kv_heads * d, hidden], o [hidden, heads * d], gate and up [inner, hidden],
+     * down [hidden, inner]; biases (or NULL) in the same order */
+    const float *w[7], *b[7];
+    double scaling; /* of the attention scores */
+} decode_layer_t;
+
+/* out = weight * (x * (1 / sqrt(mean(x^2) + eps))), the mean summed in double. */
+static void rms_norm(const float *x, const float *weight, double eps, int64_t n, float *out) {
+    double squares = 0.0;
+    for (int64_t i = 0; i < n; i++) squares += (double)x[i] * x[i];
+    const float inverse = (float)(1.0 / sqrt(squares / (double)n + eps));
+    for (int64_t i = 0; i < n; i++) out[i] = weight[i] * (x[i] * inverse);
+}
+
+/* x [d] rotated by the rotary embedding into out [d]: x * cos + rotate_half(x) * sin, rotate_half(x) being
+ * (-x[d/2:], x[:d/2]); each product rounded, then their sum, as the modeling code computes it. */
+static void rotate(const float *x, const float *cos, const float *sin, int64_t d, float *out) {
+    const int64_t half = d / 2;
+    for (int64_t i = 0; i < half; i++) {
+        const float a = x[i] * cos[i], b = -x[i + half] * sin[i];
+        out[i] = a + b;
+    }
+    for (int64_t i = half; i < d; i++) {
+        const float a = x[i] * cos[i], b = x[i - half] * sin[i];
+        out[i] = a + b;
+    }
+}
+
+/* Attention of one query q [d] over keys and values [positions, d] (rows of a cache), key j only where
+ * mask[j] (NULL: all); scores [positions] is scratch. Writes out [d]. */
+__attribute__((target("avx2,fma"))) static void attend(const float *q, const float *keys, const float *values,
+                                                      int64_t positions, int64_t d, const uint8_t *mask,
+                                                      double scaling, float *scores, float *out) {
+    float largest = -INFINITY;
+    for (int64_t j = 0; j < positions; j++) {
+        if (mask && !mask[j]) continue;
+        const float *k = keys + j * d;
+        float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t i = 0; i < d; i++) dot += q[i] * k[i];
+        scores[j] = (float)(dot * scaling);
+        if (scores[j] > largest) largest = scores[j];
+    }
+    double total = 0.0;
+    for (int64_t i = 0; i < d; i++) out[i] = 0.0f;
+    for (int64_t j = 0; j < positions; j++) {
+        if (mask && !mask[j]) continue;
+        const float p = expf(scores[j] - largest);
+        total += p;
+        const float *v = values + j * d;
+#pragma omp simd
+        for (int64_t i = 0; i < d; i++) out[i] += p * v[i];
+    }
+    const float inverse = (float)(1.0 / total); /* > 0: the query's own position is never masked */
+    for (int64_t i = 0; i < d; i++) out[i] *= inverse;
+}
+
+/* One decoding step of layer L for `rows` rows, in place on the residual stream hidden [rows, hidden]:
+ *   hidden += o(attention(rotary(q(n)), rotary(k(n)), v(n)))    n = norm1(hidden)
+ *   hidden += down(silu(gate(m)) * up(m))                       m = norm2(hidden)
+ * cos, sin [rows, head_dim]: the rotary embedding at each row's position. The cache keys, values
+ * [rows, kv_heads, capacity, head_dim] holds positions [0, length); this step's keys and values are written at
+ * position `length` and attended with them, key j of row r only where key_mask[r * capacity + j] (NULL: all).
+ * The linear maps run as distillm_skinny_maps with `threads` and `wide`. Returns 0, or -1 where memory for the
+ * step's intermediate results could not be had (hidden and the cache at position `length` are then undefined). */
+int distillm_decode_layer(const decode_layer_t *L, float *hidden, int64_t rows, const float *cos, const float *sin,
+                          float *keys, float *values, int64_t capacity, int64_t length, const uint8_t *key_mask,
+                          int threads, int wide) {
+    const int64_t H = L->hidden, d = L->head_dim, heads = L->heads, kv = L->kv_heads, I = L->inner;
+    const int64_t nq = heads * d, nkv = kv * d, positions = length + 1, group = heads / kv;
+    const size_t floats = (size_t)rows * (H + 2 * nq + 2 * nkv + 2 * I + H) + (size_t)rows * heads * positions;
+    float *scratch = malloc(floats * sizeof(float));
+    if (!scratch) return -1;
+    float *normed = scratch, *q = normed + rows * H, *k = q + rows * nq, *v = k + rows * nkv;
+    float *attended = v + rows * nkv, *gate = attended + rows * nq, *up = gate + rows * I, *out = up + rows * I;
+    float *scores = out + rows * H;
+
+    for (int64_t r = 0; r < rows; r++) rms_norm(hidden + r * H, L->norm1, L->eps1, H, normed + r * H);
+    {
+        const float *w[3] = {L->w[0], L->w[1], L->w[2]}, *b[3] = {L->b[0], L->b[1], L->b[2]};
+        const int64_t outs[3] = {nq, nkv, nkv};
+        float *o[3] = {q, k, v};
+        if (distillm_skinny_maps(normed, rows, H, 3, w, outs, b, o, threads, wide)) goto failed;
+    }
+    for (int64_t r = 0; r < rows; r++) {
+        const float *c = cos + r * d, *s = sin + r * d;
+        for (int64_t h = 0; h < kv; h++) {
+            const int64_t at = ((r * kv + h) * capacity + length) * d;
+            rotate(k + r * nkv + h * d, c, s, d, keys + at);
+            memcpy(values + at, v + r * nkv + h * d, d * sizeof(float));
+        }
+        for (int64_t h = 0; h < heads; h++) { /* rotated queries go to `attended`, free until the attention */
+            rotate(q + r * nq + h * d, c, s, d, attended + r * nq + h * d);
+        }
+    }
+    memcpy(q, attended, rows * nq * sizeof(float));
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t t = 0; t < rows * heads; t++) {
+        const int64_t r = t / heads, h = t % heads, cached = (r * kv + h / group) * capacity * d;
+        attend(q + r * nq + h * d, keys + cached, values + cached, positions, d,
+               key_mask ? key_mask + r * capacity : NULL, L->scaling, scores + t * positions,
+               attended + r * nq + h * d);
+    }
+    if (distillm_skinny_maps(attended, rows, nq, 1, &L->w[3], &H, &L->b[3], &out, threads, wide)) goto failed;
+    for (int64_t i = 0; i < rows * H; i++) hidden[i] = hidden[i] + out[i];
+
+    for (int64_t r = 0; r < rows; r++) rms_norm(hidden + r * H, L->norm2, L->eps2, H, normed + r * H);
+    {
+        const float *w[2] = {L->w[4], L->w[5]}, *b[2] = {L->b[4], L->b[5]};
+        const int64_t outs[2] = {I, I};
+        float *o[2] = {gate, up};
+        if (distillm_skinny_maps(normed, rows, H, 2, w, outs, b, o, threads, wide)) goto failed;
+    }
+    for (int64_t i = 0; i < rows * I; i++) {
+        const float g = gate[i];
+        gate[i] = (g / (1.0f + expf(-g))) * up[i]; /* silu(gate) * up */
+    }
+    if (distillm_skinny_maps(gate, rows, I, 1, &L->w[6], &H, &L->b[6], &out, threads, wide)) goto failed;
+    for (int64_t i = 0; i < rows * H; i++) hidden[i] = hidden[i] + out[i];
+    free(scratch);
+    return 0;
+failed:
+    free(scratch);
+    return -1;
 }

@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("skinny.c")
 FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp")
+LIBRARIES = ("-lm",)  # after the source: a linker that drops unneeded libraries keeps the ones it needs
 
 
 def cache_dir() -> Path:
@@ -65,7 +66,7 @@ def _build(compiler: list[str], rebuild: bool = False) -> Path:
     """The compiled library for this source and compiler: built now (atomically) unless the cache has it."""
     source = SOURCE.read_bytes()
     version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256(source + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
+    key = hashlib.sha256(source + " ".join(FLAGS + LIBRARIES).encode() + version.encode()).hexdigest()[:16]
     folder = cache_dir()
     library = folder / f"skinny-{key}.so"
     if library.is_file() and not rebuild:
@@ -82,7 +83,10 @@ def _build(compiler: list[str], rebuild: bool = False) -> Path:
     os.close(handle)
     try:
         done = subprocess.run(
-            [*compiler, *FLAGS, str(SOURCE), "-o", partial], capture_output=True, text=True, timeout=300
+            [*compiler, *FLAGS, str(SOURCE), "-o", partial, *LIBRARIES],
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         if done.returncode != 0:
             raise RuntimeError(
@@ -99,6 +103,25 @@ def _build(compiler: list[str], rebuild: bool = False) -> Path:
         if stale != library:
             stale.unlink(missing_ok=True)
     return library
+
+
+class _LayerSpec(ctypes.Structure):
+    """skinny.c's ``decode_layer_t``."""
+
+    _fields_ = [
+        ("hidden", ctypes.c_int64),
+        ("heads", ctypes.c_int64),
+        ("kv_heads", ctypes.c_int64),
+        ("head_dim", ctypes.c_int64),
+        ("inner", ctypes.c_int64),
+        ("norm1", ctypes.c_void_p),
+        ("norm2", ctypes.c_void_p),
+        ("eps1", ctypes.c_double),
+        ("eps2", ctypes.c_double),
+        ("w", ctypes.c_void_p * 7),
+        ("b", ctypes.c_void_p * 7),
+        ("scaling", ctypes.c_double),
+    ]
 
 
 @cache
@@ -143,6 +166,21 @@ def _library() -> ctypes.CDLL | None:
         ctypes.c_void_p,  # out features: int64 [maps]
         ctypes.c_void_p,  # biases: const float *[maps], NULL for none
         ctypes.c_void_p,  # outputs: float *[maps]
+        ctypes.c_int,  # threads
+        ctypes.c_int,  # 1: the AVX-512 path
+    ]
+    library.distillm_decode_layer.restype = ctypes.c_int
+    library.distillm_decode_layer.argtypes = [
+        ctypes.POINTER(_LayerSpec),
+        ctypes.c_void_p,  # hidden [rows, hidden], updated in place
+        ctypes.c_int64,  # rows
+        ctypes.c_void_p,  # cos [rows, head_dim]
+        ctypes.c_void_p,  # sin
+        ctypes.c_void_p,  # cached keys [rows, kv heads, capacity, head_dim]
+        ctypes.c_void_p,  # cached values
+        ctypes.c_int64,  # capacity
+        ctypes.c_int64,  # length: positions already cached
+        ctypes.c_void_p,  # key mask [rows, capacity] (bool), NULL for none
         ctypes.c_int,  # threads
         ctypes.c_int,  # 1: the AVX-512 path
     ]
@@ -284,3 +322,149 @@ class Maps:
         if failed:
             raise MemoryError(f"skinny_linear: no memory for the AVX-512 path's copy of {rows} input rows")
         return [out.view(*inputs.shape[:-1], out.shape[1]) for out in outs]
+
+
+class DecodeLayer:
+    """A whole decoding step of one Llama-layout layer (Llama, Mistral, Qwen2) in one call of the kernel.
+
+    RMS norm, the query/key/value maps, the rotary embedding, the step's keys and values written into the
+    cache, attention over the cached positions (grouped keys/values, a key mask), the output map and
+    residual, RMS norm, the gated SiLU MLP and residual: what ``FastDecoder`` otherwise runs as ~40 torch
+    operations a layer, each with a fixed cost of microseconds that a step of a small model adds up to
+    milliseconds (docs/generation.md, point 5). Rounds differently from the torch operations (the norms' and
+    the softmax's sums in double, the exponentials from the C library); ``tests/test_fast_forward.py`` holds
+    both to the same float64 reference.
+
+    ``weights`` / ``biases``: q, k, v, o, gate, up, down (``[out, in]`` float32, as :class:`Maps`); ``norms``:
+    the two RMS norms' weights ``[hidden]`` and their epsilons. Holds the tensors (an in-place change is seen).
+    """
+
+    def __init__(
+        self,
+        weights: Sequence[Tensor],
+        biases: Sequence[Tensor | None],
+        norms: tuple[Tensor, float, Tensor, float],
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        scaling: float,
+    ):
+        library = _library()
+        if library is None:
+            raise RuntimeError(
+                "the native decoding kernel is unavailable here; check skinny.available() first"
+            )
+        norm1, eps1, norm2, eps2 = norms
+        hidden, inner = norm1.shape[0], weights[4].shape[0]
+        shapes = [
+            (heads * head_dim, hidden),
+            (kv_heads * head_dim, hidden),
+            (kv_heads * head_dim, hidden),
+            (hidden, heads * head_dim),
+            (inner, hidden),
+            (inner, hidden),
+            (hidden, inner),
+        ]
+        problems = [
+            f"map {i}: {tuple(w.shape)} {w.dtype}, expected {shape} float32 contiguous"
+            for i, (w, shape) in enumerate(zip(weights, shapes, strict=True))
+            if tuple(w.shape) != shape or not supports(w)
+        ]
+        problems += [
+            f"bias {i}: {tuple(b.shape)} {b.dtype}, expected ({shape[0]},) float32"
+            for i, (b, shape) in enumerate(zip(biases, shapes, strict=True))
+            if b is not None and (tuple(b.shape) != (shape[0],) or not supports(b))
+        ]
+        problems += [
+            f"norm weight {tuple(n.shape)} {n.dtype}, expected ({hidden},) float32"
+            for n in (norm1, norm2)
+            if tuple(n.shape) != (hidden,) or not supports(n)
+        ]
+        if heads % kv_heads or head_dim % 2:
+            problems.append(f"{heads} query heads over {kv_heads} key/value heads of dimension {head_dim}")
+        if problems:
+            raise ValueError("DecodeLayer: " + "; ".join(problems))
+        self._library = library
+        self._tensors = [
+            *weights,
+            *(b for b in biases if b is not None),
+            norm1,
+            norm2,
+        ]  # held for the pointers
+        self.hidden, self.heads, self.kv_heads, self.head_dim = hidden, heads, kv_heads, head_dim
+        self._spec = _LayerSpec(
+            hidden,
+            heads,
+            kv_heads,
+            head_dim,
+            inner,
+            norm1.data_ptr(),
+            norm2.data_ptr(),
+            eps1,
+            eps2,
+            (ctypes.c_void_p * 7)(*(w.data_ptr() for w in weights)),
+            (ctypes.c_void_p * 7)(*(b.data_ptr() if b is not None else None for b in biases)),
+            scaling,
+        )
+        self._pointer = ctypes.pointer(self._spec)
+
+    def __call__(
+        self,
+        hidden: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        keys: Tensor,
+        values: Tensor,
+        length: int,
+        key_mask: Tensor | None = None,
+    ) -> None:
+        """The layer's step, in place on ``hidden`` ``[B, hidden]`` (float32, contiguous): the rotary
+        embedding ``cos`` / ``sin`` ``[B, head_dim]`` at each row's position; ``keys`` / ``values``
+        ``[B, kv heads, capacity, head_dim]`` (contiguous), positions ``[0, length)`` filled, this step's
+        written at ``length``; ``key_mask`` ``[B, capacity]`` boolean (True = attend) or None. No autograd."""
+        batch, capacity = hidden.shape[0], keys.shape[2]
+        expected = {
+            "hidden": (hidden, (batch, self.hidden)),
+            "cos": (cos, (batch, self.head_dim)),
+            "sin": (sin, (batch, self.head_dim)),
+            "keys": (keys, (batch, self.kv_heads, capacity, self.head_dim)),
+            "values": (values, (batch, self.kv_heads, capacity, self.head_dim)),
+        }
+        for name, (tensor, shape) in expected.items():
+            if tuple(tensor.shape) != shape or not supports(tensor):
+                raise ValueError(
+                    f"DecodeLayer: {name} is {tuple(tensor.shape)} {tensor.dtype}"
+                    f"{'' if tensor.is_contiguous() else ' (not contiguous)'}; expected {shape} float32 "
+                    "contiguous on the CPU"
+                )
+        if key_mask is not None and (
+            key_mask.dtype != torch.bool
+            or tuple(key_mask.shape) != (batch, capacity)
+            or not key_mask.is_contiguous()
+        ):
+            raise ValueError(
+                f"DecodeLayer: key_mask is {tuple(key_mask.shape)} {key_mask.dtype}; expected ({batch}, {capacity}) "
+                "bool contiguous"
+            )
+        if not 0 <= length < capacity:
+            raise ValueError(
+                f"DecodeLayer: length {length} leaves no room in a cache of {capacity} positions"
+            )
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            raise ValueError("DecodeLayer has no autograd: call it under torch.no_grad() or inference_mode()")
+        failed = self._library.distillm_decode_layer(
+            self._pointer,
+            hidden.data_ptr(),
+            batch,
+            cos.data_ptr(),
+            sin.data_ptr(),
+            keys.data_ptr(),
+            values.data_ptr(),
+            capacity,
+            length,
+            key_mask.data_ptr() if key_mask is not None else None,
+            torch.get_num_threads(),
+            int(self._library.wide),
+        )
+        if failed:
+            raise MemoryError(f"DecodeLayer: no memory for a decoding step of {batch} rows")
