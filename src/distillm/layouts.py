@@ -250,7 +250,11 @@ class LlamaLayout:
         ):
             return None
         maps = [packed.native(m) for m in (*self.attention_linears(layer), *self.mlp_linears(layer))]
-        if any(entry is None for entry in maps) or any(not skinny.supports(n.weight) for n in norms):
+        if (
+            any(entry is None for entry in maps)
+            or any(bias is not None and not skinny.supports(bias) for _, bias in maps)
+            or any(not skinny.supports(n.weight) for n in norms)
+        ):
             return None
         return skinny.DecodeLayer(
             [weight for weight, _ in maps],

@@ -5,8 +5,8 @@
 - :mod:`distillm.kernels.packing`: decoding's linear maps (``PackedLinears``): through our kernel below, else
   oneDNN's packed weights (the one module that calls torch's private ``torch.ops.mkldnn`` ops).
 - :mod:`distillm.kernels.skinny`: our linear maps for a few rows (``skinny.c``: AVX2, or AVX-512 with the same
-  bits), compiled at first use
-  with the system's C compiler and loaded with ctypes; unavailable (and said so) without one.
+  bits) and a Llama-layout layer's whole decoding step (``DecodeLayer``), compiled at first use with the
+  system's C compiler and loaded with ctypes; unavailable (and said so) without one.
 
 ``benchmarks/gelu.py`` and ``benchmarks/packed_linear.py`` measure them (figures in benchmarks/README.md).
 """

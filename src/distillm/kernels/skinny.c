@@ -274,14 +274,15 @@ static void rotate(const float *x, const float *cos, const float *sin, int64_t d
     }
 }
 
-/* Attention of one query q [d] over keys and values [positions, d] (rows of a cache), key j only where
- * mask[j] (NULL: all); scores [positions] is scratch. Writes out [d]. */
+/* Attention of one query q [d] over keys and values [positions, d] (rows of a cache): key j < positions - 1
+ * only where mask[j] (NULL: all), the last (the query's own position) always; scores [positions] is scratch.
+ * Writes out [d]. */
 __attribute__((target("avx2,fma"))) static void attend(const float *q, const float *keys, const float *values,
                                                       int64_t positions, int64_t d, const uint8_t *mask,
                                                       double scaling, float *scores, float *out) {
     float largest = -INFINITY;
     for (int64_t j = 0; j < positions; j++) {
-        if (mask && !mask[j]) continue;
+        if (mask && !mask[j] && j < positions - 1) continue;
         const float *k = keys + j * d;
         float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
@@ -292,7 +293,7 @@ __attribute__((target("avx2,fma"))) static void attend(const float *q, const flo
     double total = 0.0;
     for (int64_t i = 0; i < d; i++) out[i] = 0.0f;
     for (int64_t j = 0; j < positions; j++) {
-        if (mask && !mask[j]) continue;
+        if (mask && !mask[j] && j < positions - 1) continue;
         const float p = expf(scores[j] - largest);
         total += p;
         const float *v = values + j * d;
@@ -308,7 +309,8 @@ __attribute__((target("avx2,fma"))) static void attend(const float *q, const flo
  *   hidden += down(silu(gate(m)) * up(m))                       m = norm2(hidden)
  * cos, sin [rows, head_dim]: the rotary embedding at each row's position. The cache keys, values
  * [rows, kv_heads, capacity, head_dim] holds positions [0, length); this step's keys and values are written at
- * position `length` and attended with them, key j of row r only where key_mask[r * capacity + j] (NULL: all).
+ * position `length` and attended with them: key j < length of row r only where key_mask[r * capacity + j]
+ * (NULL: all), the step's own always.
  * The linear maps run as distillm_skinny_maps with `threads` and `wide`. Returns 0, or -1 where memory for the
  * step's intermediate results could not be had (hidden and the cache at position `length` are then undefined). */
 int distillm_decode_layer(const decode_layer_t *L, float *hidden, int64_t rows, const float *cos, const float *sin,

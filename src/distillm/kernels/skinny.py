@@ -329,11 +329,12 @@ class DecodeLayer:
 
     RMS norm, the query/key/value maps, the rotary embedding, the step's keys and values written into the
     cache, attention over the cached positions (grouped keys/values, a key mask), the output map and
-    residual, RMS norm, the gated SiLU MLP and residual: what ``FastDecoder`` otherwise runs as ~40 torch
+    residual, RMS norm, the gated SiLU MLP and residual: what ``FastDecoder`` otherwise runs as some 45 torch
     operations a layer, each with a fixed cost of microseconds that a step of a small model adds up to
-    milliseconds (docs/generation.md, point 5). Rounds differently from the torch operations (the norms' and
-    the softmax's sums in double, the exponentials from the C library); ``tests/test_fast_forward.py`` holds
-    both to the same float64 reference.
+    milliseconds (docs/generation.md, point 6). Rounds differently from the torch operations (the norms' and
+    the softmax's sums in double, the exponentials from the C library), about as accurately:
+    ``tests/test_kernels.py`` holds it and the same formulas as torch operations to a float64 reference,
+    ``tests/test_fast_forward.py`` the decoded logits to the Hugging Face forward's.
 
     ``weights`` / ``biases``: q, k, v, o, gate, up, down (``[out, in]`` float32, as :class:`Maps`); ``norms``:
     the two RMS norms' weights ``[hidden]`` and their epsilons. Holds the tensors (an in-place change is seen).
@@ -421,7 +422,8 @@ class DecodeLayer:
         """The layer's step, in place on ``hidden`` ``[B, hidden]`` (float32, contiguous): the rotary
         embedding ``cos`` / ``sin`` ``[B, head_dim]`` at each row's position; ``keys`` / ``values``
         ``[B, kv heads, capacity, head_dim]`` (contiguous), positions ``[0, length)`` filled, this step's
-        written at ``length``; ``key_mask`` ``[B, capacity]`` boolean (True = attend) or None. No autograd."""
+        written at ``length``; ``key_mask`` ``[B, capacity]`` boolean (True = attend) or None: it masks the
+        cached positions, never the step's own. No autograd."""
         batch, capacity = hidden.shape[0], keys.shape[2]
         expected = {
             "hidden": (hidden, (batch, self.hidden)),
@@ -441,10 +443,11 @@ class DecodeLayer:
             key_mask.dtype != torch.bool
             or tuple(key_mask.shape) != (batch, capacity)
             or not key_mask.is_contiguous()
+            or key_mask.device.type != "cpu"
         ):
             raise ValueError(
-                f"DecodeLayer: key_mask is {tuple(key_mask.shape)} {key_mask.dtype}; expected ({batch}, {capacity}) "
-                "bool contiguous"
+                f"DecodeLayer: key_mask is {tuple(key_mask.shape)} {key_mask.dtype} on {key_mask.device}; expected "
+                f"({batch}, {capacity}) bool contiguous on the CPU"
             )
         if not 0 <= length < capacity:
             raise ValueError(
