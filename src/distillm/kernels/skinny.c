@@ -44,6 +44,19 @@ __attribute__((target("avx2,fma"), noinline)) static float tail(float total, con
     return total;
 }
 
+/* ROWS(N) for the tile's n input rows, 1 to TILE, with N a constant in each case (the loops over rows unroll). */
+#define FOR_TILE_ROWS(n)                                                                               \
+    switch (n) {                                                                                       \
+    case 1: ROWS(1)                                                                                    \
+    case 2: ROWS(2)                                                                                    \
+    case 3: ROWS(3)                                                                                    \
+    case 4: ROWS(4)                                                                                    \
+    case 5: ROWS(5)                                                                                    \
+    case 6: ROWS(6)                                                                                    \
+    case 7: ROWS(7)                                                                                    \
+    default: ROWS(8)                                                                                   \
+    }
+
 /* ---- AVX2 ---- */
 
 /* One weight row w [in] against n (<= TILE, a constant after inlining) input rows; writes out[r * ldo]. */
@@ -71,16 +84,7 @@ __attribute__((target("avx2,fma"))) static void tile(const float *x, int64_t in,
     for (int64_t o = first; o < last; o++)                                                             \
         weight_row(x, in, w + o * in, bias ? bias[o] : 0.0f, out + o, ldo, N);                         \
     break;
-    switch (n) {
-    case 1: ROWS(1)
-    case 2: ROWS(2)
-    case 3: ROWS(3)
-    case 4: ROWS(4)
-    case 5: ROWS(5)
-    case 6: ROWS(6)
-    case 7: ROWS(7)
-    default: ROWS(8)
-    }
+    FOR_TILE_ROWS(n)
 #undef ROWS
 }
 
@@ -158,28 +162,19 @@ __attribute__((target("avx512f,avx2,fma"))) static void tile512(const float *x, 
         if (o < last) weight_rows512(x, pairs, in, w, bias, o, out, ldo, N, 0);                        \
     }                                                                                                  \
     break;
-    switch (n) {
-    case 1: ROWS(1)
-    case 2: ROWS(2)
-    case 3: ROWS(3)
-    case 4: ROWS(4)
-    case 5: ROWS(5)
-    case 6: ROWS(6)
-    case 7: ROWS(7)
-    default: ROWS(8)
-    }
+    FOR_TILE_ROWS(n)
 #undef ROWS
 }
 
 /* ---- entry points ---- */
 
-/* 1 where this CPU runs the kernel (AVX2 and FMA), else 0: the caller must not call distillm_skinny_linear. */
+/* 1 where this CPU runs the kernel (AVX2 and FMA), else 0: the caller must not call the functions below. */
 int distillm_skinny_supported(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
 
-/* 1 where distillm_skinny_linear takes the AVX-512 path (AVX-512F), else 0. */
+/* 1 where the AVX-512 path can be taken (AVX-512F), else 0. */
 int distillm_skinny_wide(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f");
@@ -231,12 +226,6 @@ int distillm_skinny_maps(const float *x, int64_t rows, int64_t in, int maps, con
     }
     free(pairs);
     return 0;
-}
-
-/* One map: distillm_skinny_maps with maps = 1. */
-int distillm_skinny_linear(const float *x, int64_t rows, int64_t in, const float *w, int64_t out_features,
-                           const float *bias, float *out, int threads, int wide) {
-    return distillm_skinny_maps(x, rows, in, 1, &w, &out_features, &bias, &out, threads, wide);
 }
 
 /* ---- a whole decoding layer of the Llama layout ---- */

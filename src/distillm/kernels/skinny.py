@@ -189,6 +189,14 @@ def _library() -> ctypes.CDLL | None:
     return library
 
 
+def _loaded() -> ctypes.CDLL:
+    """The loaded kernel library; a RuntimeError where it is unavailable."""
+    library = _library()
+    if library is None:
+        raise RuntimeError("the native decoding kernel is unavailable here; check skinny.available() first")
+    return library
+
+
 def available() -> bool:
     """Whether :func:`skinny_linear` can run here (built, loaded, and this CPU has AVX2 and FMA)."""
     return _library() is not None
@@ -240,11 +248,7 @@ class Maps:
     instead of ~20). Holds the tensors (an in-place change of a weight is seen, as by :func:`skinny_linear`)."""
 
     def __init__(self, weights: Sequence[Tensor], biases: Sequence[Tensor | None] | None = None):
-        library = _library()
-        if library is None:
-            raise RuntimeError(
-                "the native decoding kernel is unavailable here; check skinny.available() first"
-            )
+        library = _loaded()
         weights = list(weights)
         biases = list(biases) if biases is not None else [None] * len(weights)
         if not weights or len(biases) != len(weights):
@@ -350,11 +354,7 @@ class DecodeLayer:
         head_dim: int,
         scaling: float,
     ):
-        library = _library()
-        if library is None:
-            raise RuntimeError(
-                "the native decoding kernel is unavailable here; check skinny.available() first"
-            )
+        library = _loaded()
         norm1, eps1, norm2, eps2 = norms
         hidden, inner = norm1.shape[0], weights[4].shape[0]
         shapes = [
