@@ -278,16 +278,20 @@ def main(argv=None) -> int:
     weight_bytes = sum(p.numel() * p.element_size() for p in student.parameters())  # tied head counted once
     sample_full, sample_prefill = sampling(args.new_tokens), sampling(1)
     sample_full(), sample_prefill()  # warm-up
+
+    def timed_sampling() -> tuple[float, float, float]:
+        """(full run, prompt forward, one decoding step) in seconds: a step is the difference over the
+        new tokens after the first, which the prompt forward yields."""
+        full, prefill = median_seconds(sample_full, 1), median_seconds(sample_prefill, 1)
+        return full, prefill, (full - prefill) / (args.new_tokens - 1)
+
     rounds, operation_steps = [], []
     for _ in range(args.repeats):
         round_bandwidth = memory_bandwidth(3)
-        full, prefill = median_seconds(sample_full, 1), median_seconds(sample_prefill, 1)
-        step = (full - prefill) / (args.new_tokens - 1)
+        full, prefill, step = timed_sampling()
         rounds.append((full, prefill, step, round_bandwidth, weight_bytes / round_bandwidth / step))
         with layers_as_operations():  # the alternative, in the same round
-            operation_steps.append(
-                (median_seconds(sample_full, 1) - median_seconds(sample_prefill, 1)) / (args.new_tokens - 1)
-            )
+            operation_steps.append(timed_sampling()[2])
     full, prefill, decode_step, bandwidth, _ = (statistics.median(column) for column in zip(*rounds))
     floor = weight_bytes / bandwidth
     share_of_floor = statistics.median(r[4] for r in rounds)
